@@ -1,0 +1,30 @@
+"""Install smt_dist. See README.md: ``bash scripts/setup.sh`` pins a CPU-friendly torch first."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="smt_dist",
+    version="0.1.0",
+    description="Sparse Matrix Tuning for distributed LLM fine-tuning (DeepSpeed, FSDP2, torchrun)",
+    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["smt_dist", "smt_dist.*"]),
+    # A range, not a pin: an already installed torch (CPU or CUDA) is kept as it is.
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "transformers>=4.45",
+        "accelerate>=1.0",
+        "safetensors>=0.4",
+        "mpi4py>=3.1",
+        "mpich; sys_platform == 'linux'",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "ruff>=0.6"],
+        "bench": ["peft>=0.13", "matplotlib"],
+    },
+)

@@ -1,0 +1,182 @@
+"""SMT adapters on disk: the trained blocks, their coordinates and a fingerprint of the base.
+
+An adapter directory holds ``adapter_model.safetensors`` (per module ``<name>.blocks``
+``[nb, l, l]`` and ``<name>.block_index`` ``[nb, 2]``) and ``smt_adapter.json`` (the SMT config,
+the module shapes and a fingerprint of the base weights). Blocks are deltas from the base, so an
+adapter only makes sense on the base it was trained on; the fingerprint makes loading it anywhere
+else a clear error rather than silent garbage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from smt_dist.config import SMTConfig
+from smt_dist.io import atomic_directory, write_json
+from smt_dist.layer import SparseLinear
+from smt_dist.model import apply_smt, selection_of, smt_modules
+from smt_dist.selection import BlockSelection
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "smt_adapter.json"
+FORMAT = "smt_dist.adapter/1"
+_SAMPLES_PER_MODULE = 16
+# Fingerprint samples are compared with a tolerance that a bf16 copy of the same base passes
+# (bf16 keeps 8 mantissa bits, a relative error below 2**-8) and a different base does not.
+_SAMPLE_RTOL = 1e-2
+_SAMPLE_ATOL = 1e-4
+
+
+def base_fingerprint(model: nn.Module, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Shape and a few deterministic weight samples of each named base linear."""
+    prints = {}
+    for name in names:
+        weight = _base_weight(model, name)
+        generator = torch.Generator().manual_seed(0)
+        positions = torch.randint(weight.numel(), (_SAMPLES_PER_MODULE,), generator=generator)
+        samples = weight.detach().reshape(-1)[positions.to(weight.device)].float().cpu()
+        prints[name] = {"shape": list(weight.shape), "samples": samples.tolist()}
+    return prints
+
+
+def save_smt_adapter(model: nn.Module, path: str | os.PathLike, *, config: SMTConfig | None = None) -> Path:
+    """Write the model's SMT blocks as an adapter directory, atomically. Returns the path."""
+    config = config or getattr(model, "smt_config", None)
+    if config is None:
+        raise ValueError("No SMT config: pass config= or use a model prepared by apply_smt.")
+    modules = smt_modules(model)
+    selection = selection_of(model)
+    tensors = {}
+    for name, layer in modules.items():
+        tensors[f"{name}.blocks"] = layer.blocks.detach().cpu().contiguous()
+        tensors[f"{name}.block_index"] = layer.block_index.detach().cpu().contiguous()
+    meta = {
+        "format": FORMAT,
+        "config": config.to_dict(),
+        "block_size": selection.block_size,
+        "num_blocks": selection.num_blocks,
+        "modules": {name: {"num_blocks": layer.num_blocks} for name, layer in modules.items()},
+        "base_fingerprint": base_fingerprint(model, sorted(modules)),
+    }
+    with atomic_directory(path) as staging:
+        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": FORMAT})
+        write_json(staging / CONFIG_NAME, meta)
+    return Path(path)
+
+
+def read_smt_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read and check an adapter directory: its metadata and its tensors."""
+    path = Path(path)
+    config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    for file in (config_file, weights_file):
+        if not file.is_file():
+            raise FileNotFoundError(f"No SMT adapter at {path}: {file.name} is missing.")
+    try:
+        meta = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_file} is not valid JSON ({err}).") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{config_file} is not an smt_dist adapter config (format {FORMAT}).")
+    try:
+        with safe_open(str(weights_file), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{weights_file} is truncated or not a safetensors file ({err}).") from err
+    block_size = meta["block_size"]
+    for name in meta["modules"]:
+        blocks, index = tensors.get(f"{name}.blocks"), tensors.get(f"{name}.block_index")
+        if blocks is None or index is None:
+            raise ValueError(f"{weights_file} lacks the tensors of module '{name}'.")
+        num_blocks = meta["modules"][name]["num_blocks"]
+        if tuple(blocks.shape) != (num_blocks, block_size, block_size) or tuple(index.shape) != (
+            num_blocks,
+            2,
+        ):
+            raise ValueError(
+                f"{weights_file} has wrong shapes for '{name}': blocks {tuple(blocks.shape)} and "
+                f"index {tuple(index.shape)}, expected ({num_blocks}, {block_size}, {block_size}) "
+                f"and ({num_blocks}, 2)."
+            )
+    return meta, tensors
+
+
+def load_smt_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load an adapter onto its base model, in place, and return the model.
+
+    A plain base model is converted with ``apply_smt`` first; a model that already has SMT layers
+    must have the adapter's selection. Fails with a ``ValueError`` when the model is not the base
+    the adapter was trained on, and with ``FileNotFoundError`` when files are missing.
+    """
+    meta, tensors = read_smt_adapter(path)
+    names = sorted(meta["modules"])
+    _check_base(model, meta["base_fingerprint"], path)
+    config = SMTConfig.from_dict(meta["config"])
+    selection = BlockSelection(
+        block_size=meta["block_size"], blocks={name: tensors[f"{name}.block_index"] for name in names}
+    )
+    if smt_modules(model):
+        if selection_of(model).digest() != selection.digest():
+            raise ValueError(f"The adapter at {path} selects other blocks than this SMT model has.")
+    else:
+        apply_smt(model, selection, config)
+    modules = smt_modules(model)
+    with torch.no_grad():
+        for name in names:
+            layer = modules[name]
+            order = _row_order(layer, tensors[f"{name}.block_index"])
+            layer.blocks.copy_(tensors[f"{name}.blocks"][order])
+    return model
+
+
+def _check_base(model: nn.Module, fingerprint: dict[str, Any], path: str | os.PathLike) -> None:
+    names = sorted(fingerprint)
+    for name in names:
+        try:
+            _base_weight(model, name)
+        except ValueError as err:
+            raise ValueError(f"The adapter at {path} targets '{name}': {err}") from err
+    here = base_fingerprint(model, names)
+    for name in names:
+        expected, found = fingerprint[name], here[name]
+        if found["shape"] != expected["shape"]:
+            raise ValueError(
+                f"The adapter at {path} was trained on another base: '{name}' is "
+                f"{tuple(found['shape'])} here but {tuple(expected['shape'])} in the adapter."
+            )
+        if not torch.allclose(
+            torch.tensor(found["samples"]),
+            torch.tensor(expected["samples"]),
+            rtol=_SAMPLE_RTOL,
+            atol=_SAMPLE_ATOL,
+        ):
+            raise ValueError(
+                f"The adapter at {path} was trained on another base: the weights of '{name}' do "
+                "not match its fingerprint."
+            )
+
+
+def _base_weight(model: nn.Module, name: str) -> torch.Tensor:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError as err:
+        raise ValueError(f"this model has no module '{name}'.") from err
+    if not isinstance(module, (nn.Linear, SparseLinear)):
+        raise ValueError(f"module '{name}' is a {type(module).__name__}, not a linear layer.")
+    return module.weight
+
+
+def _row_order(layer: SparseLinear, stored_index: torch.Tensor) -> torch.Tensor:
+    """Permutation taking the stored block order to the layer's (sorted) block order."""
+    n_cols = layer.in_features // layer.block_size
+    stored = (stored_index[:, 0] * n_cols + stored_index[:, 1]).tolist()
+    position = {key: i for i, key in enumerate(stored)}
+    here = (layer.block_index[:, 0] * n_cols + layer.block_index[:, 1]).cpu().tolist()
+    return torch.tensor([position[key] for key in here])

@@ -1,0 +1,56 @@
+"""Geometry of the ``l x l`` block grid that SMT cuts a weight into.
+
+A weight of shape ``(out, in)`` has ``out/l`` row-blocks and ``in/l`` column-blocks; block
+``(r, c)`` covers ``weight[r*l:(r+1)*l, c*l:(c+1)*l]``. Scoring, selection, the sparse layer and
+merging all speak in these coordinates, so the conversions live here once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def block_grid(shape: tuple[int, ...] | torch.Size, block_size: int, *, name: str) -> tuple[int, int]:
+    """Number of row- and column-blocks of a 2-D weight, or a ``ValueError`` naming the module."""
+    if len(shape) != 2:
+        raise ValueError(f"Module '{name}' has a weight of shape {tuple(shape)}; SMT needs 2-D weights.")
+    out_features, in_features = shape
+    for label, size in (("out_features", out_features), ("in_features", in_features)):
+        if size % block_size:
+            raise ValueError(
+                f"Module '{name}' has {label}={size}, which block size {block_size} does not "
+                f"divide; pick a block size that divides every targeted dimension."
+            )
+    return out_features // block_size, in_features // block_size
+
+
+def block_view(matrix: torch.Tensor, block_size: int) -> torch.Tensor:
+    """View ``(out, in)`` as ``(out/l, l, in/l, l)`` without copying."""
+    out_features, in_features = matrix.shape
+    return matrix.view(out_features // block_size, block_size, in_features // block_size, block_size)
+
+
+def gather_blocks(matrix: torch.Tensor, block_index: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Copy the blocks at ``block_index`` (``[nb, 2]`` of row, col) out as ``[nb, l, l]``."""
+    grid = block_view(matrix, block_size).permute(0, 2, 1, 3)
+    return grid[block_index[:, 0], block_index[:, 1]]
+
+
+def scatter_blocks(
+    matrix: torch.Tensor, block_index: torch.Tensor, values: torch.Tensor, *, add: bool
+) -> torch.Tensor:
+    """Return a copy of ``matrix`` with ``values`` (``[nb, l, l]``) written or added at the blocks."""
+    block_size = values.shape[-1]
+    out = matrix.clone()
+    grid = block_view(out, block_size).permute(0, 2, 1, 3)
+    rows, cols = block_index[:, 0], block_index[:, 1]
+    values = values.to(out.dtype)
+    grid[rows, cols] = grid[rows, cols] + values if add else values
+    return out
+
+
+def block_mask(shape: tuple[int, int], block_index: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Boolean ``(out, in)`` mask that is true inside the selected blocks."""
+    mask = torch.zeros(shape, dtype=torch.bool)
+    ones = torch.ones(len(block_index), block_size, block_size, dtype=torch.bool)
+    return scatter_blocks(mask, block_index.cpu(), ones, add=False)

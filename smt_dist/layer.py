@@ -1,0 +1,249 @@
+"""``SparseLinear``: a frozen linear layer plus a few trainable ``l x l`` blocks.
+
+This is the layer that makes SMT cheap. The forward is exact (``x @ W_eff.T + b`` with
+``W_eff = W + D`` inside the selected blocks), but the backward computes a gradient only for the
+selected blocks, and the forward saves only the input column-blocks those blocks read. Gradient,
+optimizer and activation memory therefore scale with the number of selected blocks.
+
+The trainable values are *deltas* from the frozen base, zero-initialised: the adapter is
+independent of the base and merging is an addition. With AdamW weight decay this decays the
+delta towards the base weight, not the block towards zero (the authors' code decays the block).
+
+Two rules keep the layer usable under DeepSpeed ZeRO-3 and FSDP2, which swap a parameter's
+storage in and out around the owning module's forward and backward: the base ``weight`` is saved
+for backward as the Parameter itself (never a copy, never a view of its storage), and the layer
+never writes into it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smt_dist.blocks import block_grid, gather_blocks, scatter_blocks
+
+
+class _SparseBlockLinear(torch.autograd.Function):
+    """``y = x @ W.T + b + scatter(x_cols @ D.T)`` with gradients for ``x`` and ``D`` only.
+
+    Shapes: ``x`` is ``[N, in]`` (leading dims are flattened by the caller), ``blocks`` (``D``) is
+    ``[nb, l, l]``; ``rows``/``cols`` hold each block's row- and column-block; ``saved_cols`` the
+    distinct column-blocks (sorted) and ``col_slot`` each block's position among them.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, blocks, rows, cols, saved_cols, col_slot):
+        n_tokens = x.shape[0]
+        block_size = blocks.shape[-1]
+        dtype = x.dtype
+        y = F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
+        deltas = blocks.to(dtype)
+        # Distinct input column-blocks read by the selected blocks: the only activation kept.
+        x_saved = x.view(n_tokens, -1, block_size).index_select(1, saved_cols)
+        x_per_block = x_saved.index_select(1, col_slot).transpose(0, 1)  # [nb, N, l]
+        y_delta = torch.bmm(x_per_block, deltas.transpose(1, 2))  # [nb, N, l]
+        y.view(n_tokens, -1, block_size).index_add_(1, rows, y_delta.transpose(0, 1))
+        ctx.save_for_backward(x_saved, weight, blocks, rows, cols, col_slot)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x_saved, weight, blocks, rows, cols, col_slot = ctx.saved_tensors
+        needs_x, _, needs_bias, needs_blocks = ctx.needs_input_grad[:4]
+        n_tokens = grad_y.shape[0]
+        block_size = blocks.shape[-1]
+        dtype = grad_y.dtype
+        grad_y = grad_y.contiguous()
+        grad_y_per_block = grad_y.view(n_tokens, -1, block_size).index_select(1, rows)
+        grad_y_per_block = grad_y_per_block.transpose(0, 1)  # [nb, N, l]
+
+        grad_x = grad_bias = grad_blocks = None
+        if needs_x:
+            grad_x = grad_y @ weight.to(dtype)
+            grad_x_delta = torch.bmm(grad_y_per_block, blocks.to(dtype))  # [nb, N, l]
+            grad_x.view(n_tokens, -1, block_size).index_add_(1, cols, grad_x_delta.transpose(0, 1))
+        if needs_bias:
+            grad_bias = grad_y.sum(0)
+        if needs_blocks:
+            x_per_block = x_saved.index_select(1, col_slot).transpose(0, 1)  # [nb, N, l]
+            # dD_k = dY[:, rows_k]^T @ X[:, cols_k], summed over every token, batched over blocks.
+            grad_blocks = torch.bmm(grad_y_per_block.transpose(1, 2), x_per_block)
+            grad_blocks = grad_blocks.to(blocks.dtype)
+        return grad_x, None, grad_bias, grad_blocks, None, None, None, None
+
+
+class SparseLinear(nn.Module):
+    """A linear layer whose only trainable values are a set of ``l x l`` weight blocks.
+
+    Args:
+        in_features: Size of each input sample.
+        out_features: Size of each output sample.
+        block_index: ``[nb, 2]`` integer tensor of (row-block, column-block) coordinates.
+        block_size: Side ``l`` of the blocks; must divide both features.
+        bias: Whether the layer has a (frozen) bias.
+        blocks_dtype: dtype of the trainable blocks (default: the weight's dtype).
+        name: Module name used in error messages.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        block_index: torch.Tensor,
+        *,
+        block_size: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        blocks_dtype: torch.dtype | None = None,
+        name: str = "SparseLinear",
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.block_size = block_size
+        self.name = name
+        weight = torch.empty(out_features, in_features, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(weight, a=5**0.5)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
+            if bias
+            else None
+        )
+        self._init_blocks(block_index, blocks_dtype or self.weight.dtype)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        block_index: torch.Tensor,
+        *,
+        block_size: int,
+        blocks_dtype: torch.dtype | None = None,
+        name: str = "SparseLinear",
+    ) -> SparseLinear:
+        """Wrap an existing ``nn.Linear``, reusing its weight and bias Parameters (no copy)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features = linear.in_features
+        layer.out_features = linear.out_features
+        layer.block_size = block_size
+        layer.name = name
+        layer.weight = linear.weight
+        layer.weight.requires_grad_(False)
+        layer.bias = linear.bias
+        if layer.bias is not None:
+            layer.bias.requires_grad_(False)
+        layer._init_blocks(block_index, blocks_dtype or linear.weight.dtype)
+        return layer
+
+    def _init_blocks(self, block_index: torch.Tensor, blocks_dtype: torch.dtype) -> None:
+        n_rows, n_cols = block_grid(self.weight.shape, self.block_size, name=self.name)
+        index = _checked_index(block_index, n_rows, n_cols, name=self.name)
+        device = self.weight.device
+        self.register_buffer("block_index", index.to(device))
+        self.blocks = nn.Parameter(
+            torch.zeros(len(index), self.block_size, self.block_size, device=device, dtype=blocks_dtype)
+        )
+        self._register_derived_index()
+        self.register_load_state_dict_post_hook(lambda module, _: module._register_derived_index())
+
+    def _register_derived_index(self) -> None:
+        """Index tensors the autograd function needs, derived from ``block_index``."""
+        index = self.block_index
+        saved_cols, col_slot = torch.unique(index[:, 1], sorted=True, return_inverse=True)
+        self.register_buffer("_rows", index[:, 0].contiguous(), persistent=False)
+        self.register_buffer("_cols", index[:, 1].contiguous(), persistent=False)
+        self.register_buffer("_saved_cols", saved_cols, persistent=False)
+        self.register_buffer("_col_slot", col_slot, persistent=False)
+
+    @property
+    def num_blocks(self) -> int:
+        """How many blocks this layer trains."""
+        return self.blocks.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.requires_grad:
+            raise RuntimeError(
+                f"The base weight of '{self.name}' requires grad; SMT trains only its blocks. "
+                "Freeze it with weight.requires_grad_(False)."
+            )
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            x = x.to(torch.get_autocast_dtype(device_type))
+        leading = x.shape[:-1]
+        x2d = x.reshape(-1, self.in_features)
+        # Autocast is off inside so the function sees exactly the dtypes chosen above.
+        with torch.autocast(device_type, enabled=False):
+            y = _SparseBlockLinear.apply(
+                x2d,
+                self.weight,
+                self.bias,
+                self.blocks,
+                self._rows,
+                self._cols,
+                self._saved_cols,
+                self._col_slot,
+            )
+        return y.view(*leading, self.out_features)
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """The dense ``(out, in)`` delta: the blocks in place, zeros elsewhere."""
+        zeros = torch.zeros_like(self.weight, dtype=self.blocks.dtype)
+        return scatter_blocks(zeros, self.block_index, self.blocks.detach(), add=False)
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """A new tensor ``W + D`` in the weight's dtype; the base weight is not touched."""
+        return scatter_blocks(self.weight, self.block_index, self.blocks.detach(), add=True)
+
+    @torch.no_grad()
+    def base_blocks(self) -> torch.Tensor:
+        """A copy of the base weight's values at the selected blocks, ``[nb, l, l]``."""
+        return gather_blocks(self.weight.detach(), self.block_index, self.block_size)
+
+    def to_linear(self) -> nn.Linear:
+        """A plain frozen ``nn.Linear`` holding the merged weight."""
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device="meta",
+            dtype=self.weight.dtype,
+        )
+        linear.weight = nn.Parameter(self.merged_weight(), requires_grad=False)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, block_size={self.block_size}, "
+            f"num_blocks={self.num_blocks}"
+        )
+
+
+def _checked_index(block_index: torch.Tensor, n_rows: int, n_cols: int, *, name: str) -> torch.Tensor:
+    """Validate block coordinates and return them as a sorted ``[nb, 2]`` int64 CPU tensor."""
+    index = torch.as_tensor(block_index).detach().to("cpu", torch.int64)
+    if index.ndim != 2 or index.shape[1] != 2:
+        raise ValueError(
+            f"Block index for '{name}' must have shape [num_blocks, 2], got {tuple(index.shape)}."
+        )
+    if len(index):
+        bad = (index[:, 0] < 0) | (index[:, 0] >= n_rows) | (index[:, 1] < 0) | (index[:, 1] >= n_cols)
+        if bad.any():
+            row, col = index[bad][0].tolist()
+            raise ValueError(
+                f"Block ({row}, {col}) of '{name}' is outside its {n_rows} x {n_cols} block grid."
+            )
+    flat = index[:, 0] * n_cols + index[:, 1]
+    unique = torch.unique(flat, sorted=True)
+    if len(unique) != len(flat):
+        raise ValueError(f"Block index for '{name}' lists the same block more than once.")
+    return torch.stack([unique // n_cols, unique % n_cols], dim=1)

@@ -1,0 +1,122 @@
+"""Swapping SMT into a model and back out.
+
+``find_targets`` picks the linears a config names; ``apply_smt`` replaces every target with at
+least one selected block by a ``SparseLinear`` that reuses the target's own weight Parameter and
+freezes everything else; ``merge_smt`` writes the trained blocks back into plain ``nn.Linear``
+layers. Works on Hugging Face decoder models and on any ``nn.Module`` tree.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from smt_dist.blocks import block_grid
+from smt_dist.config import SMTConfig, name_matches
+from smt_dist.layer import SparseLinear
+from smt_dist.selection import BlockSelection
+
+
+def find_targets(model: nn.Module, config: SMTConfig) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` whose name matches ``config.target_modules``, checked against the grid.
+
+    Raises ``ValueError`` when nothing matches or when the block size does not divide a target.
+    """
+    targets = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name_matches(name, config.target_modules)
+    }
+    if not targets:
+        linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+        example = ", ".join(linears[:4]) or "none"
+        raise ValueError(
+            f"No nn.Linear matches target_modules {list(config.target_modules)}; "
+            f"this model's linears include: {example}."
+        )
+    for name, linear in targets.items():
+        block_grid(linear.weight.shape, config.block_size, name=name)
+    return targets
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Total parameters, counting ZeRO-3 partitioned parameters at their full size."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def smt_modules(model: nn.Module) -> dict[str, SparseLinear]:
+    """Every ``SparseLinear`` in the model, by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
+
+
+def apply_smt(
+    model: nn.Module,
+    selection: BlockSelection,
+    config: SMTConfig,
+    *,
+    blocks_dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Make the selected blocks the model's only trainable parameters, in place.
+
+    Args:
+        model: The model; its parameters are frozen and targets are swapped for ``SparseLinear``.
+        selection: Blocks to train (from ``select_blocks`` or a loaded adapter).
+        config: The SMT config; kept on the model as ``model.smt_config`` for adapters.
+        blocks_dtype: dtype of the trainable blocks (default: each weight's dtype).
+
+    Returns:
+        The same model object.
+    """
+    if selection.block_size != config.block_size:
+        raise ValueError(
+            f"The selection uses block size {selection.block_size} but the config says {config.block_size}."
+        )
+    if smt_modules(model):
+        raise ValueError("The model already has SparseLinear layers; apply SMT to a plain model.")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name, index in selection.blocks.items():
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError as err:
+            raise ValueError(f"The selection names module '{name}', which this model lacks.") from err
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"Module '{name}' is a {type(linear).__name__}, not an nn.Linear.")
+        sparse = SparseLinear.from_linear(
+            linear, index, block_size=config.block_size, blocks_dtype=blocks_dtype, name=name
+        )
+        _replace_module(model, name, sparse)
+    model.smt_config = config
+    return model
+
+
+def merge_smt(model: nn.Module) -> nn.Module:
+    """Replace every ``SparseLinear`` by a frozen ``nn.Linear`` holding ``W + D``, in place.
+
+    The merged weights are new tensors; the base weights are not written. Returns the model.
+    """
+    for name, sparse in smt_modules(model).items():
+        _replace_module(model, name, sparse.to_linear())
+    if hasattr(model, "smt_config"):
+        del model.smt_config
+    return model
+
+
+def selection_of(model: nn.Module) -> BlockSelection:
+    """The ``BlockSelection`` an SMT model trains."""
+    modules = smt_modules(model)
+    if not modules:
+        raise ValueError("The model has no SparseLinear layers; run apply_smt first.")
+    sizes = {m.block_size for m in modules.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"SparseLinear layers use different block sizes: {sorted(sizes)}.")
+    return BlockSelection(
+        block_size=sizes.pop(),
+        blocks={name: m.block_index.detach().cpu() for name, m in modules.items()},
+    )
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

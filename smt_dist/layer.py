@@ -30,48 +30,56 @@ class _SparseBlockLinear(torch.autograd.Function):
     Shapes: ``x`` is ``[N, in]`` (leading dims are flattened by the caller), ``blocks`` (``D``) is
     ``[nb, l, l]``; ``rows``/``cols`` hold each block's row- and column-block; ``saved_cols`` the
     distinct column-blocks (sorted) and ``col_slot`` each block's position among them.
+
+    Gathered block data is block-major (``[blocks, N, l]``): gathering whole blocks along dim 0
+    of a ``[in/l, N, l]`` view is about 10x faster on CPU than along dim 1, and it is the layout
+    ``bmm`` wants. Scattering back goes along dim 1 of ``[N, k, l]``, which is the fast direction
+    for ``index_add_`` and an in-place op on a plain view that ``torch.compile`` accepts.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, blocks, rows, cols, saved_cols, col_slot):
-        n_tokens = x.shape[0]
-        block_size = blocks.shape[-1]
+    def forward(ctx, x, weight, bias, blocks, rows, cols, saved_cols, col_slot, cols_distinct):
         dtype = x.dtype
         y = F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
-        deltas = blocks.to(dtype)
         # Distinct input column-blocks read by the selected blocks: the only activation kept.
-        x_saved = x.view(n_tokens, -1, block_size).index_select(1, saved_cols)
-        x_per_block = x_saved.index_select(1, col_slot).transpose(0, 1)  # [nb, N, l]
-        y_delta = torch.bmm(x_per_block, deltas.transpose(1, 2))  # [nb, N, l]
-        y.view(n_tokens, -1, block_size).index_add_(1, rows, y_delta.transpose(0, 1))
+        x_saved = _block_major(x, blocks.shape[-1]).index_select(0, saved_cols)  # [nu, N, l]
+        x_per_block = x_saved if cols_distinct else x_saved.index_select(0, col_slot)  # [nb, N, l]
+        y_delta = torch.bmm(x_per_block, blocks.to(dtype).transpose(1, 2))
+        _row_blocks(y, blocks.shape[-1]).index_add_(1, rows, y_delta.transpose(0, 1))
         ctx.save_for_backward(x_saved, weight, blocks, rows, cols, col_slot)
-        ctx.has_bias = bias is not None
+        ctx.cols_distinct = cols_distinct
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x_saved, weight, blocks, rows, cols, col_slot = ctx.saved_tensors
         needs_x, _, needs_bias, needs_blocks = ctx.needs_input_grad[:4]
-        n_tokens = grad_y.shape[0]
         block_size = blocks.shape[-1]
-        dtype = grad_y.dtype
         grad_y = grad_y.contiguous()
-        grad_y_per_block = grad_y.view(n_tokens, -1, block_size).index_select(1, rows)
-        grad_y_per_block = grad_y_per_block.transpose(0, 1)  # [nb, N, l]
+        grad_y_per_block = _block_major(grad_y, block_size).index_select(0, rows)  # [nb, N, l]
 
         grad_x = grad_bias = grad_blocks = None
         if needs_x:
-            grad_x = grad_y @ weight.to(dtype)
-            grad_x_delta = torch.bmm(grad_y_per_block, blocks.to(dtype))  # [nb, N, l]
-            grad_x.view(n_tokens, -1, block_size).index_add_(1, cols, grad_x_delta.transpose(0, 1))
+            grad_x = grad_y @ weight.to(grad_y.dtype)
+            grad_x_delta = torch.bmm(grad_y_per_block, blocks.to(grad_y.dtype))
+            _row_blocks(grad_x, block_size).index_add_(1, cols, grad_x_delta.transpose(0, 1))
         if needs_bias:
             grad_bias = grad_y.sum(0)
         if needs_blocks:
-            x_per_block = x_saved.index_select(1, col_slot).transpose(0, 1)  # [nb, N, l]
             # dD_k = dY[:, rows_k]^T @ X[:, cols_k], summed over every token, batched over blocks.
-            grad_blocks = torch.bmm(grad_y_per_block.transpose(1, 2), x_per_block)
-            grad_blocks = grad_blocks.to(blocks.dtype)
-        return grad_x, None, grad_bias, grad_blocks, None, None, None, None
+            x_per_block = x_saved if ctx.cols_distinct else x_saved.index_select(0, col_slot)
+            grad_blocks = torch.bmm(grad_y_per_block.transpose(1, 2), x_per_block).to(blocks.dtype)
+        return grad_x, None, grad_bias, grad_blocks, None, None, None, None, None
+
+
+def _row_blocks(matrix: torch.Tensor, block_size: int) -> torch.Tensor:
+    """View ``[N, k*l]`` as ``[N, k, l]`` (no copy)."""
+    return matrix.view(matrix.shape[0], -1, block_size)
+
+
+def _block_major(matrix: torch.Tensor, block_size: int) -> torch.Tensor:
+    """View ``[N, k*l]`` as ``[k, N, l]`` (no copy), so whole blocks index along dim 0."""
+    return _row_blocks(matrix, block_size).transpose(0, 1)
 
 
 class SparseLinear(nn.Module):
@@ -80,7 +88,9 @@ class SparseLinear(nn.Module):
     Args:
         in_features: Size of each input sample.
         out_features: Size of each output sample.
-        block_index: ``[nb, 2]`` integer tensor of (row-block, column-block) coordinates.
+        block_index: ``[nb, 2]`` integer tensor of (row-block, column-block) coordinates. The
+            layer keeps them sorted column-major (by column-block, then row-block), and
+            ``blocks[k]`` is the block at ``block_index[k]``.
         block_size: Side ``l`` of the blocks; must divide both features.
         bias: Whether the layer has a (frozen) bias.
         blocks_dtype: dtype of the trainable blocks (default: the weight's dtype).
@@ -159,6 +169,9 @@ class SparseLinear(nn.Module):
         self.register_buffer("_cols", index[:, 1].contiguous(), persistent=False)
         self.register_buffer("_saved_cols", saved_cols, persistent=False)
         self.register_buffer("_col_slot", col_slot, persistent=False)
+        # Blocks are stored column-major, so with one block per column-block the saved columns
+        # already line up with the blocks and need no second gather.
+        self._cols_distinct = len(saved_cols) == len(index)
 
     @property
     def num_blocks(self) -> int:
@@ -187,6 +200,7 @@ class SparseLinear(nn.Module):
                 self._cols,
                 self._saved_cols,
                 self._col_slot,
+                self._cols_distinct,
             )
         return y.view(*leading, self.out_features)
 
@@ -229,7 +243,7 @@ class SparseLinear(nn.Module):
 
 
 def _checked_index(block_index: torch.Tensor, n_rows: int, n_cols: int, *, name: str) -> torch.Tensor:
-    """Validate block coordinates and return them as a sorted ``[nb, 2]`` int64 CPU tensor."""
+    """Validate block coordinates; return them column-major sorted, ``[nb, 2]`` int64 on CPU."""
     index = torch.as_tensor(block_index).detach().to("cpu", torch.int64)
     if index.ndim != 2 or index.shape[1] != 2:
         raise ValueError(
@@ -242,8 +256,8 @@ def _checked_index(block_index: torch.Tensor, n_rows: int, n_cols: int, *, name:
             raise ValueError(
                 f"Block ({row}, {col}) of '{name}' is outside its {n_rows} x {n_cols} block grid."
             )
-    flat = index[:, 0] * n_cols + index[:, 1]
+    flat = index[:, 1] * n_rows + index[:, 0]
     unique = torch.unique(flat, sorted=True)
     if len(unique) != len(flat):
         raise ValueError(f"Block index for '{name}' lists the same block more than once.")
-    return torch.stack([unique // n_cols, unique % n_cols], dim=1)
+    return torch.stack([unique % n_rows, unique // n_rows], dim=1)

@@ -27,7 +27,16 @@ class BlockSelection:
     """Side ``l`` of every block."""
 
     blocks: dict[str, torch.Tensor]
-    """Module name to ``[nb, 2]`` int64 (row-block, column-block), sorted, ``nb >= 1``."""
+    """Module name to ``[nb, 2]`` int64 (row-block, column-block), ``nb >= 1``; stored sorted
+    row-major whatever order it was given in, so equal selections compare and hash equal."""
+
+    def __post_init__(self) -> None:
+        canonical = {}
+        for name in sorted(self.blocks):
+            index = torch.as_tensor(self.blocks[name]).to("cpu", torch.int64).reshape(-1, 2)
+            key = index[:, 0] * (int(index[:, 1].max()) + 1 if len(index) else 1) + index[:, 1]
+            canonical[name] = index[torch.argsort(key)]
+        object.__setattr__(self, "blocks", canonical)
 
     @property
     def num_blocks(self) -> int:
@@ -44,7 +53,7 @@ class BlockSelection:
         h = hashlib.sha256(str(self.block_size).encode())
         for name in sorted(self.blocks):
             h.update(name.encode())
-            h.update(self.blocks[name].to(torch.int64).cpu().contiguous().numpy().tobytes())
+            h.update(self.blocks[name].contiguous().numpy().tobytes())
         return h.hexdigest()
 
     def summary(self, config: SMTConfig) -> dict[str, dict[str, int]]:

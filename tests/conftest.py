@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny Hugging Face decoders built from configs (no hub) and batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 96
+# GQA on purpose: k/v projections are narrower than q, as in Llama 3, Mistral and Qwen2.
+_SHAPE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+}
+
+
+def tiny_causal_lm(family: str = "llama", *, seed: int = 0) -> torch.nn.Module:
+    """A two-layer decoder of the named family with random weights, deterministic per seed."""
+    config_cls, model_cls = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**_SHAPE))
+    model.config.use_cache = False
+    return model
+
+
+def lm_batches(count: int, *, batch: int = 2, seq: int = 16, seed: int = 1) -> list[dict]:
+    """Random token batches with labels, for warm-up and training steps."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(0, VOCAB, (batch, seq), generator=generator)
+        out.append({"input_ids": ids, "labels": ids.clone()})
+    return out
+
+
+@pytest.fixture
+def llama() -> torch.nn.Module:
+    return tiny_causal_lm("llama")

@@ -47,8 +47,18 @@ def base_fingerprint(model: nn.Module, names: list[str]) -> dict[str, dict[str, 
     return prints
 
 
-def save_smt_adapter(model: nn.Module, path: str | os.PathLike, *, config: SMTConfig | None = None) -> Path:
-    """Write the model's SMT blocks as an adapter directory, atomically. Returns the path."""
+def save_smt_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    config: SMTConfig | None = None,
+    fingerprint: dict[str, dict[str, Any]] | None = None,
+) -> Path:
+    """Write the model's SMT blocks as an adapter directory, atomically. Returns the path.
+
+    ``fingerprint`` (from ``base_fingerprint`` before training) spares reading the base weights
+    again, which under ZeRO-3 are partitioned across ranks.
+    """
     config = config or getattr(model, "smt_config", None)
     if config is None:
         raise ValueError("No SMT config: pass config= or use a model prepared by apply_smt.")
@@ -64,7 +74,7 @@ def save_smt_adapter(model: nn.Module, path: str | os.PathLike, *, config: SMTCo
         "block_size": selection.block_size,
         "num_blocks": selection.num_blocks,
         "modules": {name: {"num_blocks": layer.num_blocks} for name, layer in modules.items()},
-        "base_fingerprint": base_fingerprint(model, sorted(modules)),
+        "base_fingerprint": fingerprint or base_fingerprint(model, sorted(modules)),
     }
     with atomic_directory(path) as staging:
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": FORMAT})

@@ -1,0 +1,136 @@
+"""DeepSpeed integration: the only module that imports ``deepspeed``.
+
+SMT's block parameters are the model's only trainable parameters, so a DeepSpeed engine
+partitions just them and their Adam states (ZeRO-1/2), reduces just their gradients, and under
+ZeRO-3 also partitions the frozen base. This module turns a user's DeepSpeed JSON into one that
+fits the run (``"auto"`` values filled from the command line, conflicts refused with one
+sentence), builds the engine around a client AdamW, and gathers ZeRO-3 parameters when a full
+value is needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# DeepSpeed picks its accelerator on first import; on a machine without CUDA say so explicitly,
+# so a CPU run never probes for GPUs (and works where the env var was forgotten).
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed
+from deepspeed.accelerator import get_accelerator
+
+
+def on_cpu() -> bool:
+    """True when DeepSpeed runs on its CPU accelerator."""
+    return get_accelerator().device_name() == "cpu"
+
+
+def init_distributed() -> None:
+    """Join the job's process group (env vars from deepspeed/torchrun, or mpi4py under mpirun)."""
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl")
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a DeepSpeed JSON config, or fail with one sentence naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"DeepSpeed config {path} does not exist.")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"DeepSpeed config {path} is not valid JSON (line {err.lineno}: {err.msg})."
+        ) from err
+    if not isinstance(config, dict):
+        raise ValueError(f"DeepSpeed config {path} must be a JSON object.")
+    return config
+
+
+def resolve_config(
+    config: dict[str, Any],
+    *,
+    micro_batch_size: int,
+    gradient_accumulation_steps: int,
+    world_size: int,
+    max_grad_norm: float,
+    bf16: bool,
+) -> dict[str, Any]:
+    """Fill ``"auto"`` and missing batch/precision keys from the run's arguments; refuse conflicts.
+
+    Raises ``ValueError`` for a value that contradicts the command line, for fp16 on DeepSpeed's
+    CPU accelerator (it supports fp32 and bf16 only), and for a ZeRO stage outside 0-3.
+    """
+    config = json.loads(json.dumps(config))  # a deep copy the caller's dict never sees
+    wanted = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "train_batch_size": micro_batch_size * gradient_accumulation_steps * world_size,
+        "gradient_clipping": max_grad_norm,
+    }
+    for key, value in wanted.items():
+        given = config.get(key, "auto")
+        if given == "auto":
+            config[key] = value
+        elif given != value:
+            raise ValueError(
+                f"The DeepSpeed config sets {key}={given} but the command line implies {value}; "
+                f'set it to "auto" or make them agree.'
+            )
+    fp16 = config.get("fp16", {}).get("enabled", False)
+    if fp16 is True and on_cpu():
+        raise ValueError(
+            "The DeepSpeed config enables fp16, which DeepSpeed's CPU accelerator does not "
+            "support; use bf16 or fp32 on CPU."
+        )
+    bf16_section = config.setdefault("bf16", {})
+    if bf16_section.get("enabled", "auto") == "auto":
+        bf16_section["enabled"] = bf16
+    elif bool(bf16_section["enabled"]) != bf16 and bf16:
+        raise ValueError("--bf16 was given but the DeepSpeed config disables bf16.")
+    zero = config.setdefault("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}.")
+    # SMT hands DeepSpeed a client torch.optim.AdamW over the blocks; ZeRO refuses untested
+    # optimizers, and with offload_optimizer would swap in DeepSpeedCPUAdam unless told not to.
+    config["zero_allow_untested_optimizer"] = True
+    if zero.get("offload_optimizer", {}).get("device", "none") != "none":
+        config["zero_force_ds_cpu_optimizer"] = False
+    return config
+
+
+def zero_stage(config: dict[str, Any]) -> int:
+    """The ZeRO stage a (resolved) config asks for."""
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def initialize(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    config: dict[str, Any],
+):
+    """A DeepSpeed engine over the model's trainable (block) parameters only."""
+    engine, optimizer, _, lr_scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config
+    )
+    return engine, optimizer, lr_scheduler
+
+
+@contextlib.contextmanager
+def gathered(params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
+    """Full values of ZeRO-3 partitioned parameters inside the block (a collective call)."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield

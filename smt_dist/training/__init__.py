@@ -1,0 +1,1 @@
+"""Pieces of the training job (``launch/train.py``): arguments, data, checkpoints, logs."""

@@ -1,0 +1,170 @@
+"""Command-line options of ``launch/train.py``, in Hugging Face's names, validated up front.
+
+Every option can also come from a JSON or YAML file (``--config_file``); options given on the
+command line win. Validation happens before any process group, model or output exists, so bad
+input costs nothing and writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+from smt_dist.config import SCORES, SMTConfig
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL_CONFIG = REPO / "configs" / "tiny-llama"
+DEFAULT_DATA = REPO / "data" / "tiny_instruct.jsonl"
+
+
+@dataclass
+class TrainArguments:
+    """Everything the training job needs to know."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Local model directory (no hub at run time). Default: the embedded tiny Llama."},
+    )
+    data_path: str | None = field(
+        default=None, metadata={"help": "Alpaca-layout .json/.jsonl. Default: the embedded dataset."}
+    )
+    output_dir: str = field(
+        default="runs/smt", metadata={"help": "Where logs, checkpoints and the adapter go."}
+    )
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a previous run's output."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Micro-batch size per rank."})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches per optimizer step."}
+    )
+    learning_rate: float = field(default=5e-3, metadata={"help": "Peak learning rate of the blocks."})
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "AdamW weight decay (decays the block deltas)."}
+    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Global gradient-norm clip (0: off)."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "linear, cosine or constant."})
+    warmup_steps: int = field(
+        default=0, metadata={"help": "Learning-rate warm-up steps (not the SMT warm-up)."}
+    )
+    max_steps: int = field(
+        default=-1, metadata={"help": "Optimizer steps; overrides num_train_epochs when > 0."}
+    )
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs when max_steps is not set."})
+    max_seq_length: int = field(default=128, metadata={"help": "Truncate examples to this many tokens."})
+    seed: int = field(
+        default=42, metadata={"help": "Seed of model init (embedded model), data order, dropout."}
+    )
+    bf16: bool = field(default=False, metadata={"help": "Train in bf16 (blocks, activations)."})
+    save_steps: int = field(
+        default=0, metadata={"help": "Checkpoint every this many steps (0: only at the end)."}
+    )
+    save_total_limit: int = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "A checkpoint directory, or 'latest' for the newest in output_dir."}
+    )
+    logging_steps: int = field(default=1, metadata={"help": "Write a log line every this many steps."})
+    merge: bool = field(default=False, metadata={"help": "Also write a merged Hugging Face checkpoint."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
+    deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed JSON config."})
+    local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher."})
+    smt_block_size: int = field(default=16, metadata={"help": "Block side l (paper: 256)."})
+    smt_target_modules: str = field(
+        default="q_proj,k_proj,v_proj,o_proj", metadata={"help": "Comma-separated module-name patterns."}
+    )
+    smt_num_blocks: int | None = field(default=None, metadata={"help": "Budget in blocks."})
+    smt_ratio: float | None = field(
+        default=None, metadata={"help": "Budget as a fraction of all parameters."}
+    )
+    smt_score: str = field(default="mean_abs", metadata={"help": f"Block score: {', '.join(SCORES)}."})
+    smt_warmup_steps: int = field(default=8, metadata={"help": "Warm-up micro-batches for block scores."})
+
+    def __post_init__(self) -> None:
+        if self.smt_num_blocks is None and self.smt_ratio is None:
+            self.smt_ratio = 0.02
+        for name in (
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "max_seq_length",
+            "logging_steps",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.learning_rate <= 0:
+            raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}.")
+        if self.lr_scheduler_type not in ("linear", "cosine", "constant"):
+            raise ValueError(
+                f"--lr_scheduler_type must be linear, cosine or constant, got {self.lr_scheduler_type!r}."
+            )
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ValueError("Set --max_steps or a positive --num_train_epochs.")
+        if self.save_steps < 0 or self.save_total_limit < 1:
+            raise ValueError("--save_steps must be >= 0 and --save_total_limit >= 1.")
+        self.smt_config()  # raises ValueError naming the field for a bad SMT option
+
+    def smt_config(self) -> SMTConfig:
+        """The SMT part of the arguments as a validated config."""
+        return SMTConfig(
+            block_size=self.smt_block_size,
+            target_modules=self.smt_target_modules,
+            score=self.smt_score,
+            num_blocks=self.smt_num_blocks,
+            ratio=self.smt_ratio if self.smt_num_blocks is None else None,
+            warmup_steps=self.smt_warmup_steps,
+        )
+
+    @property
+    def model_dir(self) -> Path:
+        """The model directory: the user's, or the embedded tiny Llama's config directory."""
+        return Path(self.model_name_or_path) if self.model_name_or_path else DEFAULT_MODEL_CONFIG
+
+    @property
+    def data_file(self) -> Path:
+        """The training data file."""
+        return Path(self.data_path) if self.data_path else DEFAULT_DATA
+
+    def to_dict(self) -> dict:
+        """Plain values for logs and checkpoints."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def parse_args(argv: list[str] | None = None) -> TrainArguments:
+    """Parse the command line, merged over ``--config_file`` (JSON or YAML) when given."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(TrainArguments)
+    parser.add_argument("--config_file", default=None, help="JSON or YAML file of the same options.")
+    defaults: dict = {}
+    if "--config_file" in argv:
+        position = argv.index("--config_file")
+        if position + 1 >= len(argv):
+            raise ValueError("--config_file needs a path.")
+        defaults = _read_options(Path(argv[position + 1]))
+        del argv[position : position + 2]
+    known = {f.name for f in fields(TrainArguments)}
+    unknown = sorted(set(defaults) - known)
+    if unknown:
+        raise ValueError(f"Unknown options in the config file: {', '.join(unknown)}.")
+    parser.set_defaults(**defaults)
+    # The second value is the namespace holding --config_file, already consumed above.
+    args, _ = parser.parse_args_into_dataclasses(args=argv)
+    return args
+
+
+def _read_options(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {path} does not exist.")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        options = yaml.safe_load(text)
+    else:
+        try:
+            options = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"Config file {path} is not valid JSON (line {err.lineno}: {err.msg}).") from err
+    if not isinstance(options, dict):
+        raise ValueError(f"Config file {path} must hold a mapping of option names to values.")
+    return options

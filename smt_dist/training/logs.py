@@ -1,0 +1,54 @@
+"""One logger that speaks on rank 0, and the JSON-lines training log."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+
+def rank_from_env() -> int:
+    """This process's global rank, before or after the process group exists."""
+    if dist.is_initialized():
+        return dist.get_rank()
+    for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 0
+
+
+def get_logger() -> logging.Logger:
+    """The ``smt_dist`` logger: INFO on rank 0, warnings and errors only elsewhere."""
+    logger = logging.getLogger("smt_dist")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[smt_dist %(asctime)s] %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.INFO if rank_from_env() == 0 else logging.WARNING)
+    return logger
+
+
+class JsonlLog:
+    """Append-only ``train_log.jsonl`` written by rank 0; a resume drops lines past its step."""
+
+    def __init__(self, path: Path, *, resume_step: int | None) -> None:
+        self.path = path
+        self.enabled = rank_from_env() == 0
+        if not self.enabled:
+            return
+        if resume_step is None:
+            path.write_text("")
+        elif path.is_file():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record (a dict with at least ``step``)."""
+        if self.enabled:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")

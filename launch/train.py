@@ -52,7 +52,7 @@ from smt_dist.training.checkpoint import (  # noqa: E402
     save_checkpoint,
 )
 from smt_dist.training.data import BatchOrder, collate, read_records, tokenize_records  # noqa: E402
-from smt_dist.training.logs import JsonlLog, get_logger, rank_from_env  # noqa: E402
+from smt_dist.training.logs import JsonlLog, get_logger, rank_from_env, world_size_from_env  # noqa: E402
 
 RUN_MARKERS = ("train_log.jsonl", "adapter", "selection.json")
 
@@ -98,13 +98,11 @@ class Setup:
         from smt_dist import deepspeed as ds
 
         self.ds = ds
-        self.ds_config = (
+        self.user_ds_config = (
             ds.read_config(args.deepspeed) if args.deepspeed else {"zero_optimization": {"stage": 0}}
         )
-        if self.ds_config.get("fp16", {}).get("enabled") is True and ds.on_cpu():
-            raise ValueError(
-                "The DeepSpeed config enables fp16, which DeepSpeed's CPU accelerator does not support; use bf16 or fp32 on CPU."
-            )
+        # Checked now, with the world size the launcher announced, so a bad config writes nothing.
+        self.resolve_ds_config(self.user_ds_config, world_size_from_env())
         self.tokenizer = load_tokenizer(args.model_dir)
         records = read_records(args.data_file)
         self.examples, dropped = tokenize_records(records, self.tokenizer, max_seq_length=args.max_seq_length)
@@ -119,6 +117,18 @@ class Setup:
                 "target modules; lower --smt_num_blocks/--smt_ratio or target more modules."
             )
 
+    def resolve_ds_config(self, config: dict, world_size: int) -> dict:
+        """The DeepSpeed config for this run; raises ``ValueError`` when it contradicts the arguments."""
+        args = self.args
+        return self.ds.resolve_config(
+            config,
+            micro_batch_size=args.per_device_train_batch_size,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            world_size=world_size,
+            max_grad_norm=args.max_grad_norm,
+            bf16=args.bf16,
+        )
+
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """The padded micro-batch of the given example indices."""
         return collate([self.examples[i] for i in indices], pad_token_id=self.tokenizer.pad_token_id)
@@ -127,14 +137,7 @@ class Setup:
         args, log = self.args, get_logger()
         self.ds.init_distributed()
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        ds_config = self.ds.resolve_config(
-            self.ds_config,
-            micro_batch_size=args.per_device_train_batch_size,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            world_size=world,
-            max_grad_norm=args.max_grad_norm,
-            bf16=args.bf16,
-        )
+        ds_config = self.resolve_ds_config(self.user_ds_config, world)
         order = BatchOrder(len(self.examples), args.per_device_train_batch_size, rank, world, args.seed)
         if order.batches_per_epoch < 1:
             raise ValueError(

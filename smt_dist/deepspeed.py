@@ -35,7 +35,9 @@ def on_cpu() -> bool:
 
 def init_distributed() -> None:
     """Join the job's process group (env vars from deepspeed/torchrun, or mpi4py under mpirun)."""
-    deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl")
+    # Under mpirun DeepSpeed's MPI discovery sets MASTER_PORT itself; keep one the user chose.
+    port = int(os.environ.get("MASTER_PORT", 29500))
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl", distributed_port=port)
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:

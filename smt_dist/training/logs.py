@@ -21,6 +21,16 @@ def rank_from_env() -> int:
     return 0
 
 
+def world_size_from_env() -> int:
+    """The job's world size as its launcher announced it (deepspeed, torchrun, MPICH, Open MPI)."""
+    if dist.is_initialized():
+        return dist.get_world_size()
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 1
+
+
 def get_logger() -> logging.Logger:
     """The ``smt_dist`` logger: INFO on rank 0, warnings and errors only elsewhere."""
     logger = logging.getLogger("smt_dist")

@@ -8,6 +8,7 @@ from smt_dist.adapter import load_smt_adapter, save_smt_adapter
 from smt_dist.config import SMTConfig
 from smt_dist.layer import SparseLinear
 from smt_dist.model import apply_smt, count_parameters, find_targets, merge_smt
+from smt_dist.optim import BlockShardedAdamW
 from smt_dist.selection import BlockSelection, select_blocks
 from smt_dist.warmup import collect_block_scores
 
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockSelection",
+    "BlockShardedAdamW",
     "SMTConfig",
     "SparseLinear",
     "apply_smt",

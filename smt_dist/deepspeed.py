@@ -4,8 +4,16 @@ SMT's block parameters are the model's only trainable parameters, so a DeepSpeed
 partitions just them and their Adam states (ZeRO-1/2), reduces just their gradients, and under
 ZeRO-3 also partitions the frozen base. This module turns a user's DeepSpeed JSON into one that
 fits the run (``"auto"`` values filled from the command line, conflicts refused with one
-sentence), builds the engine around a client AdamW, and gathers ZeRO-3 parameters when a full
-value is needed.
+sentence), builds the engine, and gathers ZeRO-3 parameters when a full value is needed.
+
+Swapping SMT into an existing DeepSpeed script takes two calls::
+
+    model = smt_dist.deepspeed.prepare(model, warmup_batches, SMTConfig(...))
+    engine, optimizer, _, scheduler = smt_dist.deepspeed.initialize(model, optimizer, scheduler, config)
+
+with either a client ``torch.optim.AdamW`` over the blocks (ZeRO 1-3 partition them) or, at
+ZeRO stage 0, ``BlockShardedAdamW``, which then owns the gradient exchange: the engine's own
+all-reduce is switched off, as DeepSpeed's 1-bit Adam does.
 """
 
 from __future__ import annotations
@@ -26,6 +34,13 @@ if not torch.cuda.is_available():
 
 import deepspeed
 from deepspeed.accelerator import get_accelerator
+
+from smt_dist.config import SMTConfig
+from smt_dist.distributed import check_same_selection
+from smt_dist.model import apply_smt, count_parameters
+from smt_dist.optim import BlockShardedAdamW
+from smt_dist.selection import select_blocks
+from smt_dist.warmup import collect_block_scores
 
 
 def on_cpu() -> bool:
@@ -114,16 +129,59 @@ def zero_stage(config: dict[str, Any]) -> int:
     return int(config.get("zero_optimization", {}).get("stage", 0))
 
 
+def prepare(
+    model: torch.nn.Module,
+    warmup_batches: Iterable[Any],
+    smt_config: SMTConfig,
+    *,
+    loss_fn: Any = None,
+) -> torch.nn.Module:
+    """Warm up, select the blocks (checked identical on every rank) and convert the model.
+
+    Call on every rank before ``initialize``; returns the same model with only its blocks
+    trainable.
+    """
+    scores = collect_block_scores(model, warmup_batches, smt_config, loss_fn=loss_fn)
+    selection = select_blocks(scores, smt_config, total_params=count_parameters(model))
+    check_same_selection(selection)
+    return apply_smt(model, selection, smt_config)
+
+
 def initialize(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
     config: dict[str, Any],
 ):
-    """A DeepSpeed engine over the model's trainable (block) parameters only."""
+    """A DeepSpeed engine over the model's trainable (block) parameters only.
+
+    With a ``BlockShardedAdamW`` the config must be ZeRO stage 0 in fp32 without engine-side
+    gradient clipping (the optimizer clips the averaged gradient itself); anything else is a
+    ``ValueError`` before the engine exists.
+    """
+    sharded = isinstance(optimizer, BlockShardedAdamW)
+    if sharded:
+        problems = []
+        if zero_stage(config) != 0:
+            problems.append(
+                f"zero_optimization.stage={zero_stage(config)} (ZeRO partitions the blocks itself)"
+            )
+        if float(config.get("gradient_clipping", 0) or 0) > 0:
+            problems.append("gradient_clipping>0 (pass max_grad_norm to BlockShardedAdamW instead)")
+        for precision in ("fp16", "bf16"):
+            if config.get(precision, {}).get("enabled") is True:
+                problems.append(f"{precision} enabled (BlockShardedAdamW keeps fp32 masters of bf16 blocks)")
+        if problems:
+            raise ValueError(
+                "BlockShardedAdamW needs a ZeRO stage 0 config without " + "; ".join(problems) + "."
+            )
     engine, optimizer, _, lr_scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config
     )
+    if sharded:
+        # The optimizer reduce-scatters exactly the block gradients in step(); the engine's
+        # all-reduce after backward would send them twice.
+        engine.enable_backward_allreduce = False
     return engine, optimizer, lr_scheduler
 
 

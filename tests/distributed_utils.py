@@ -21,7 +21,14 @@ def run_on_ranks(fn, world_size: int, *args) -> None:
 
 
 def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # What torchrun would set; DeepSpeed reads LOCAL_RANK and friends from the environment.
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+    )
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)

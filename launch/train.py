@@ -10,8 +10,10 @@ on the embedded instruction set (data/tiny_instruct.jsonl). Phases, on every ran
   1. warm-up: score every block over --smt_warmup_steps micro-batches (no optimizer; scores are
      summed across ranks);
   2. selection: global top-k, identical on every rank (checked), then SparseLinear swapped in;
-  3. training: a DeepSpeed engine over the blocks only, checkpoints every --save_steps, and at the
-     end the adapter (and with --merge a merged Hugging Face checkpoint).
+  3. training over the blocks only, checkpoints every --save_steps, and at the end the adapter
+     (and with --merge a merged Hugging Face checkpoint). With --deepspeed a DeepSpeed engine
+     steps (ZeRO 0-3, offload); without it plain torch with BlockShardedAdamW, which shards the
+     blocks' optimizer state and exchanges only their gradients (torchrun, mpirun).
 Bad input stops the job with one sentence and exit code 1 before anything is written.
 """
 
@@ -41,10 +43,12 @@ from smt_dist import (  # noqa: E402
 )
 from smt_dist.adapter import base_fingerprint  # noqa: E402
 from smt_dist.distributed import check_same_selection  # noqa: E402
+from smt_dist.distributed.launch import init_process_group  # noqa: E402
 from smt_dist.io import atomic_directory, write_json  # noqa: E402
 from smt_dist.model import selection_of  # noqa: E402
 from smt_dist.selection import budget_in_blocks  # noqa: E402
 from smt_dist.training.arguments import TrainArguments, parse_args  # noqa: E402
+from smt_dist.training.backends import DeepSpeedBackend, TorchBackend  # noqa: E402
 from smt_dist.training.checkpoint import (  # noqa: E402
     checkpoints,
     find_checkpoint,
@@ -95,14 +99,14 @@ class Setup:
                     f"{self.output_dir} already holds a run; pass --overwrite_output_dir to replace it "
                     "or --resume_from_checkpoint to continue it."
                 )
-        from smt_dist import deepspeed as ds
+        self.ds = self.user_ds_config = None
+        if args.deepspeed:
+            from smt_dist import deepspeed as ds
 
-        self.ds = ds
-        self.user_ds_config = (
-            ds.read_config(args.deepspeed) if args.deepspeed else {"zero_optimization": {"stage": 0}}
-        )
-        # Checked now, with the world size the launcher announced, so a bad config writes nothing.
-        self.resolve_ds_config(self.user_ds_config, world_size_from_env())
+            self.ds = ds
+            self.user_ds_config = ds.read_config(args.deepspeed)
+            # Checked now, with the world size the launcher announced, so a bad config writes nothing.
+            self.resolve_ds_config(self.user_ds_config, world_size_from_env())
         self.tokenizer = load_tokenizer(args.model_dir)
         records = read_records(args.data_file)
         self.examples, dropped = tokenize_records(records, self.tokenizer, max_seq_length=args.max_seq_length)
@@ -135,9 +139,12 @@ class Setup:
 
     def train(self) -> None:
         args, log = self.args, get_logger()
-        self.ds.init_distributed()
+        if self.ds:
+            self.ds.init_distributed()
+        else:
+            init_process_group()
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        ds_config = self.resolve_ds_config(self.user_ds_config, world)
+        ds_config = self.resolve_ds_config(self.user_ds_config, world) if self.ds else None
         order = BatchOrder(len(self.examples), args.per_device_train_batch_size, rank, world, args.seed)
         if order.batches_per_epoch < 1:
             raise ValueError(
@@ -155,11 +162,13 @@ class Setup:
                 for old in checkpoints(self.output_dir):
                     shutil.rmtree(old)
         log.info(
-            "%d examples (%d dropped: prompt longer than max_seq_length), %d ranks, ZeRO stage %d, %d steps",
+            "%d examples (%d dropped: prompt longer than max_seq_length), %d ranks, %s, %d steps",
             len(self.examples),
             self.dropped,
             world,
-            self.ds.zero_stage(ds_config),
+            f"DeepSpeed ZeRO stage {self.ds.zero_stage(ds_config)}"
+            if self.ds
+            else "torch + BlockShardedAdamW",
             total_steps,
         )
         # Phases 1 and 2: warm-up scoring and selection, or the selection of the checkpoint.
@@ -186,14 +195,15 @@ class Setup:
         if rank == 0:
             write_json(self.output_dir / "selection.json", summary)
 
-        # Phase 3: SMT training on a DeepSpeed engine over the blocks only.
-        blocks = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(blocks, lr=args.learning_rate, weight_decay=args.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, total_steps))
-        engine, optimizer, scheduler = self.ds.initialize(model, optimizer, scheduler, ds_config)
+        # Phase 3: SMT training over the blocks only.
+        schedule = lr_lambda(args, total_steps)
+        if self.ds:
+            backend = DeepSpeedBackend(model, lr_lambda=schedule, args=args, ds_config=ds_config)
+        else:
+            backend = TorchBackend(model, lr_lambda=schedule, args=args)
         start_step = 0
         if self.resume:
-            start_step = load_checkpoint(engine, self.resume)["global_step"]
+            start_step = load_checkpoint(backend, self.resume)["global_step"]
         else:
             torch.manual_seed(args.seed + rank)  # dropout and anything else stochastic in training
         train_log = JsonlLog(
@@ -202,9 +212,9 @@ class Setup:
         stream = order.stream(start_step * args.gradient_accumulation_steps)
 
         def write_adapter(path: Path) -> None:
-            with self.ds.gathered(blocks):
+            with backend.gathered(backend.blocks):
                 if rank == 0:
-                    save_smt_adapter(engine.module, path, config=self.smt_config, fingerprint=fingerprint)
+                    save_smt_adapter(backend.module, path, config=self.smt_config, fingerprint=fingerprint)
 
         progress = make_progress(total_steps, start_step, disabled=args.disable_tqdm or rank != 0)
         for step in range(start_step + 1, total_steps + 1):
@@ -213,9 +223,9 @@ class Setup:
             for _ in range(args.gradient_accumulation_steps):
                 epoch, indices = next(stream)
                 batch = self.batch(indices)
-                loss = engine(**batch).loss
-                engine.backward(loss)
-                engine.step()
+                loss = backend.loss(batch)
+                backend.backward(loss)
+                backend.step()
                 losses.append(loss.detach().float())
                 tokens += int(batch["attention_mask"].sum())
             stats = torch.tensor([torch.stack(losses).mean().item(), float(tokens)], dtype=torch.float64)
@@ -224,7 +234,7 @@ class Setup:
                 "step": step,
                 "epoch": epoch,
                 "loss": stats[0].item() / world,
-                "learning_rate": scheduler.get_last_lr()[0],
+                "learning_rate": backend.learning_rate(),
                 "tokens_per_second": stats[1].item() / (time.perf_counter() - began),
             }
             if step % args.logging_steps == 0 or step == total_steps:
@@ -243,7 +253,7 @@ class Setup:
                     "args": args.to_dict(),
                 }
                 save_checkpoint(
-                    engine,
+                    backend,
                     self.output_dir,
                     step=step,
                     state=state,

@@ -40,17 +40,11 @@ train_script = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(train_script)
 
 
-def command(launcher: str, output_dir: Path, config: str, *extra: str) -> list[str]:
+def command(launcher: str, output_dir: Path, config: str | None, *extra: str) -> list[str]:
+    """The launch command; ``config=None`` runs without DeepSpeed (BlockShardedAdamW)."""
     port = str(free_port())
-    script = [
-        str(TRAIN),
-        "--deepspeed",
-        f"configs/{config}.json",
-        "--output_dir",
-        str(output_dir),
-        *COMMON,
-        *extra,
-    ]
+    deepspeed = ["--deepspeed", f"configs/{config}.json"] if config else []
+    script = [str(TRAIN), *deepspeed, "--output_dir", str(output_dir), *COMMON, *extra]
     if launcher == "deepspeed":
         return ["deepspeed", "--num_gpus", "2", "--master_port", port, *script]
     if launcher == "torchrun":
@@ -58,7 +52,7 @@ def command(launcher: str, output_dir: Path, config: str, *extra: str) -> list[s
     return ["mpirun", "-n", "2", "-env", "MASTER_PORT", port, sys.executable, *script]
 
 
-def run_job(launcher: str, output_dir: Path, config: str = "zero2_smt", *extra: str) -> Path:
+def run_job(launcher: str, output_dir: Path, config: str | None = "zero2_smt", *extra: str) -> Path:
     result = subprocess.run(
         command(launcher, output_dir, config, *extra), cwd=REPO, capture_output=True, text=True, timeout=600
     )
@@ -123,6 +117,8 @@ def test_zero2_trains_and_writes_adapter_and_merged_checkpoint(reference):
         ("deepspeed", "zero3_offload_smt"),
         ("torchrun", "zero2_smt"),
         ("mpirun", "zero2_smt"),
+        ("torchrun", None),  # BlockShardedAdamW, no DeepSpeed
+        ("mpirun", None),
     ],
 )
 def test_other_stages_and_launchers_match_zero2(reference, tmp_path, launcher, config):
@@ -133,10 +129,13 @@ def test_other_stages_and_launchers_match_zero2(reference, tmp_path, launcher, c
         torch.testing.assert_close(value, expected[key], **PARITY)
 
 
-def test_killed_run_resumes_to_the_uninterrupted_result(reference, tmp_path):
+@pytest.mark.parametrize(("launcher", "config"), [("deepspeed", "zero2_smt"), ("torchrun", None)])
+def test_killed_run_resumes_to_the_uninterrupted_result(reference, tmp_path, launcher, config):
+    if config is None:  # the torch backend's own uninterrupted run is the reference here
+        reference = run_job(launcher, tmp_path / "uninterrupted", None)
     output_dir = tmp_path / "out"
     job = subprocess.Popen(
-        command("deepspeed", output_dir, "zero2_smt"),
+        command(launcher, output_dir, config),
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -150,7 +149,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(reference, tmp_path):
     job.wait()
     assert not (output_dir / "adapter").exists()
 
-    run_job("deepspeed", output_dir, "zero2_smt", "--resume_from_checkpoint", "latest")
+    run_job(launcher, output_dir, config, "--resume_from_checkpoint", "latest")
     assert losses(output_dir) == losses(reference)  # bit-exact on CPU fp32
     expected = adapter_tensors(reference)
     assert all(torch.equal(value, expected[key]) for key, value in adapter_tensors(output_dir).items())

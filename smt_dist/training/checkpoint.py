@@ -1,8 +1,9 @@
 """Checkpoints that a crash cannot half-write, and everything a resume needs to continue exactly.
 
-A checkpoint is ``output_dir/checkpoint-<step>/`` holding the DeepSpeed engine state without the
-frozen weights (blocks, optimizer, scheduler), the SMT adapter (blocks, selection, base
-fingerprint), every rank's RNG states and ``trainer_state.json`` (step, data position). All ranks
+A checkpoint is ``output_dir/checkpoint-<step>/`` holding the backend's state (the DeepSpeed
+engine without frozen weights, or ``BlockShardedAdamW``'s shards and the scheduler), the SMT
+adapter (blocks, selection, base fingerprint), every rank's RNG states and ``trainer_state.json``
+(step, data position). All ranks
 write into ``.checkpoint-<step>.partial`` first; rank 0 renames it into place only after every rank
 has finished, so an interrupted save leaves the previous checkpoint the newest complete one.
 Checkpoints assume a filesystem shared by all ranks, as DeepSpeed's do.
@@ -10,6 +11,7 @@ Checkpoints assume a filesystem shared by all ranks, as DeepSpeed's do.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import shutil
@@ -24,7 +26,6 @@ import torch.distributed as dist
 from smt_dist.io import write_json
 
 STATE_NAME = "trainer_state.json"
-ENGINE_TAG = "engine"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -61,7 +62,7 @@ def find_checkpoint(spec: str, output_dir: Path) -> Path:
 
 
 def save_checkpoint(
-    engine: Any,
+    backend: Any,
     output_dir: Path,
     *,
     step: int,
@@ -76,7 +77,7 @@ def save_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     _barrier()
-    engine.save_checkpoint(str(staging), tag=ENGINE_TAG, exclude_frozen_parameters=True)
+    backend.save(staging)
     torch.save(_rng_state(), staging / f"rng_state_{_rank()}.pt")
     write_adapter(staging / "adapter")
     if _rank() == 0:
@@ -92,19 +93,9 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(engine: Any, path: Path) -> dict[str, Any]:
-    """Restore engine state and this rank's RNG from ``path``; return the trainer state."""
-    import json
-
-    load_path, _ = engine.load_checkpoint(
-        str(path),
-        tag=ENGINE_TAG,
-        load_module_strict=False,  # frozen weights were left out on purpose
-        load_optimizer_states=True,
-        load_lr_scheduler_states=True,
-    )
-    if load_path is None:
-        raise FileNotFoundError(f"{path} holds no DeepSpeed engine state under '{ENGINE_TAG}'.")
+def load_checkpoint(backend: Any, path: Path) -> dict[str, Any]:
+    """Restore the backend's state and this rank's RNG from ``path``; return the trainer state."""
+    backend.load(path)
     rng_file = path / f"rng_state_{_rank()}.pt"
     if not rng_file.is_file():
         raise FileNotFoundError(f"{rng_file} is missing: was the checkpoint written by as many ranks?")

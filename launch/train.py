@@ -48,7 +48,7 @@ from smt_dist.io import atomic_directory, write_json  # noqa: E402
 from smt_dist.model import selection_of  # noqa: E402
 from smt_dist.selection import budget_in_blocks  # noqa: E402
 from smt_dist.training.arguments import TrainArguments, parse_args  # noqa: E402
-from smt_dist.training.backends import DeepSpeedBackend, TorchBackend  # noqa: E402
+from smt_dist.training.backends import DeepSpeedBackend, FsdpBackend, TorchBackend  # noqa: E402
 from smt_dist.training.checkpoint import (  # noqa: E402
     checkpoints,
     find_checkpoint,
@@ -166,9 +166,7 @@ class Setup:
             len(self.examples),
             self.dropped,
             world,
-            f"DeepSpeed ZeRO stage {self.ds.zero_stage(ds_config)}"
-            if self.ds
-            else "torch + BlockShardedAdamW",
+            f"DeepSpeed ZeRO stage {self.ds.zero_stage(ds_config)}" if self.ds else f"backend {args.backend}",
             total_steps,
         )
         # Phases 1 and 2: warm-up scoring and selection, or the selection of the checkpoint.
@@ -199,6 +197,8 @@ class Setup:
         schedule = lr_lambda(args, total_steps)
         if self.ds:
             backend = DeepSpeedBackend(model, lr_lambda=schedule, args=args, ds_config=ds_config)
+        elif args.backend == "fsdp":
+            backend = FsdpBackend(model, lr_lambda=schedule, args=args, cpu_offload=args.fsdp_cpu_offload)
         else:
             backend = TorchBackend(model, lr_lambda=schedule, args=args)
         start_step = 0

@@ -41,10 +41,22 @@ spec.loader.exec_module(train_script)
 
 
 def command(launcher: str, output_dir: Path, config: str | None, *extra: str) -> list[str]:
-    """The launch command; ``config=None`` runs without DeepSpeed (BlockShardedAdamW)."""
+    """The launch command for a DeepSpeed config name, ``"fsdp"`` (FSDP2) or ``None`` (BlockShardedAdamW)."""
     port = str(free_port())
-    deepspeed = ["--deepspeed", f"configs/{config}.json"] if config else []
-    script = [str(TRAIN), *deepspeed, "--output_dir", str(output_dir), *COMMON, *extra]
+    backend = {None: [], "fsdp": ["--backend", "fsdp"]}.get(config, ["--deepspeed", f"configs/{config}.json"])
+    if launcher == "accelerate":
+        backend = []  # the accelerate config selects FSDP2
+    script = [str(TRAIN), *backend, "--output_dir", str(output_dir), *COMMON, *extra]
+    if launcher == "accelerate":
+        return [
+            "accelerate",
+            "launch",
+            "--config_file",
+            "configs/fsdp2_smt.yaml",
+            "--main_process_port",
+            port,
+            *script,
+        ]
     if launcher == "deepspeed":
         return ["deepspeed", "--num_gpus", "2", "--master_port", port, *script]
     if launcher == "torchrun":
@@ -119,6 +131,8 @@ def test_zero2_trains_and_writes_adapter_and_merged_checkpoint(reference):
         ("mpirun", "zero2_smt"),
         ("torchrun", None),  # BlockShardedAdamW, no DeepSpeed
         ("mpirun", None),
+        ("torchrun", "fsdp"),  # FSDP2
+        ("accelerate", "fsdp"),
     ],
 )
 def test_other_stages_and_launchers_match_zero2(reference, tmp_path, launcher, config):
@@ -129,10 +143,12 @@ def test_other_stages_and_launchers_match_zero2(reference, tmp_path, launcher, c
         torch.testing.assert_close(value, expected[key], **PARITY)
 
 
-@pytest.mark.parametrize(("launcher", "config"), [("deepspeed", "zero2_smt"), ("torchrun", None)])
+@pytest.mark.parametrize(
+    ("launcher", "config"), [("deepspeed", "zero2_smt"), ("torchrun", None), ("torchrun", "fsdp")]
+)
 def test_killed_run_resumes_to_the_uninterrupted_result(reference, tmp_path, launcher, config):
-    if config is None:  # the torch backend's own uninterrupted run is the reference here
-        reference = run_job(launcher, tmp_path / "uninterrupted", None)
+    if config != "zero2_smt":  # the backend's own uninterrupted run is the bit-exact reference
+        reference = run_job(launcher, tmp_path / "uninterrupted", config)
     output_dir = tmp_path / "out"
     job = subprocess.Popen(
         command(launcher, output_dir, config),

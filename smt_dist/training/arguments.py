@@ -8,6 +8,7 @@ input costs nothing and writes nothing.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -69,6 +70,16 @@ class TrainArguments:
     merge: bool = field(default=False, metadata={"help": "Also write a merged Hugging Face checkpoint."})
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
     deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed JSON config."})
+    backend: str = field(
+        default="auto",
+        metadata={
+            "help": "deepspeed, torch (BlockShardedAdamW), fsdp (FSDP2) or auto: deepspeed with --deepspeed, "
+            "fsdp under `accelerate launch` with an FSDP config, else torch."
+        },
+    )
+    fsdp_cpu_offload: bool = field(
+        default=False, metadata={"help": "FSDP2: keep sharded parameters in host memory."}
+    )
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher."})
     smt_block_size: int = field(default=16, metadata={"help": "Block side l (paper: 256)."})
     smt_target_modules: str = field(
@@ -102,6 +113,12 @@ class TrainArguments:
             raise ValueError("Set --max_steps or a positive --num_train_epochs.")
         if self.save_steps < 0 or self.save_total_limit < 1:
             raise ValueError("--save_steps must be >= 0 and --save_total_limit >= 1.")
+        if self.backend not in ("auto", "deepspeed", "torch", "fsdp"):
+            raise ValueError(f"--backend must be auto, deepspeed, torch or fsdp, got {self.backend!r}.")
+        if self.backend == "auto":
+            self.backend = _auto_backend(self)
+        if (self.backend == "deepspeed") != bool(self.deepspeed):
+            raise ValueError("--backend deepspeed and --deepspeed CONFIG go together; give both or neither.")
         self.smt_config()  # raises ValueError naming the field for a bad SMT option
 
     def smt_config(self) -> SMTConfig:
@@ -128,6 +145,17 @@ class TrainArguments:
     def to_dict(self) -> dict:
         """Plain values for logs and checkpoints."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _auto_backend(args: TrainArguments) -> str:
+    if args.deepspeed:
+        return "deepspeed"
+    # `accelerate launch` with an FSDP config announces it in the environment.
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        if os.environ.get("FSDP_OFFLOAD_PARAMS", "").lower() == "true":
+            args.fsdp_cpu_offload = True
+        return "fsdp"
+    return "torch"
 
 
 def parse_args(argv: list[str] | None = None) -> TrainArguments:

@@ -1,4 +1,4 @@
-"""How the training job steps: a DeepSpeed engine, or plain torch with ``BlockShardedAdamW``.
+"""How the training job steps: a DeepSpeed engine, plain torch with ``BlockShardedAdamW``, or FSDP2.
 
 Both take a converted SMT model and expose the same few calls to ``launch/train.py``: a forward
 that returns the loss, backward, a per-micro-batch ``step`` that updates at accumulation
@@ -118,6 +118,89 @@ class TorchBackend:
                 f"{shard} is missing: was the checkpoint written by this backend and world size?"
             )
         self.optimizer.load_state_dict(torch.load(shard, weights_only=False))
+        extra = torch.load(directory / "scheduler.pt", weights_only=False)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.micro_steps = extra["micro_steps"]
+
+
+class FsdpBackend:
+    """FSDP2 units per decoder layer; torch AdamW on the sharded (DTensor) blocks."""
+
+    name = "fsdp"
+
+    def __init__(self, model: torch.nn.Module, *, lr_lambda, args: Any, cpu_offload: bool = False) -> None:
+        from smt_dist.distributed.fsdp import shard_model
+
+        self.module = shard_model(model, cpu_offload=cpu_offload)
+        self.blocks = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.blocks, lr=args.learning_rate, weight_decay=args.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+        self.accumulation = args.gradient_accumulation_steps
+        self.max_grad_norm = args.max_grad_norm
+        self.micro_steps = 0
+
+    def gathered(self, params):
+        from smt_dist.distributed.fsdp import unsharded
+
+        return unsharded(self.module)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.module(**batch).loss
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accumulation).backward()
+
+    def step(self) -> None:
+        self.micro_steps += 1
+        if self.micro_steps % self.accumulation == 0:
+            if self.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.blocks, self.max_grad_norm)  # global norm over DTensors
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def learning_rate(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def _states(self):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(ignore_frozen_params=True)
+        return {
+            "model": get_model_state_dict(self.module, options=options),
+            "optim": get_optimizer_state_dict(self.module, self.optimizer, options=options),
+        }
+
+    def save(self, directory: Path) -> None:
+        """Sharded blocks and optimizer state through torch.distributed.checkpoint (collective)."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._states(), checkpoint_id=str(directory / "fsdp"))
+        if dist.get_rank() == 0:
+            torch.save(
+                {"scheduler": self.scheduler.state_dict(), "micro_steps": self.micro_steps},
+                directory / "scheduler.pt",
+            )
+
+    def load(self, directory: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        if not (directory / "fsdp").is_dir():
+            raise FileNotFoundError(f"{directory} holds no FSDP state: was it written by --backend fsdp?")
+        states = self._states()
+        dcp.load(states, checkpoint_id=str(directory / "fsdp"))
+        options = StateDictOptions(ignore_frozen_params=True, strict=False)
+        set_model_state_dict(self.module, states["model"], options=options)
+        set_optimizer_state_dict(self.module, self.optimizer, states["optim"], options=options)
         extra = torch.load(directory / "scheduler.pt", weights_only=False)
         self.scheduler.load_state_dict(extra["scheduler"])
         self.micro_steps = extra["micro_steps"]

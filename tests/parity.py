@@ -63,3 +63,10 @@ def reference(accumulation: int, clip: float | None, steps=STEPS) -> list[torch.
     optimizer = torch.optim.AdamW(blocks_of(model), lr=LR, weight_decay=0.1)
     train(model, optimizer, rank=None, world=1, accumulation=accumulation, clip=clip, steps=range(steps))
     return [p.detach().clone() for p in blocks_of(model)]
+
+
+def load_blocks(model, tensors) -> None:
+    """Copy saved block values into a model's block parameters."""
+    with torch.no_grad():
+        for p, q in zip(blocks_of(model), tensors, strict=True):
+            p.copy_(q)

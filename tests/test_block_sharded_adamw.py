@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from distributed_utils import run_on_ranks
-from parity import LR, PARITY, STEPS, blocks_of, micro_batches, reference, smt_model, train
+from parity import LR, PARITY, STEPS, blocks_of, load_blocks, micro_batches, reference, smt_model, train
 
 from smt_dist.optim import BlockShardedAdamW
 
@@ -53,9 +53,7 @@ def _save_on_rank(rank, world, out_dir):
         )
     # Resume at the same world size from the sharded state, in a fresh model and optimizer.
     resumed = smt_model()
-    with torch.no_grad():
-        for p, q in zip(blocks_of(resumed), blocks_of(model), strict=True):
-            p.copy_(q)
+    load_blocks(resumed, blocks_of(model))
     optimizer2 = BlockShardedAdamW(blocks_of(resumed), lr=LR, weight_decay=0.1)
     optimizer2.load_state_dict(sharded)
     train(resumed, optimizer2, rank=rank, world=world, accumulation=1, clip=None, steps=range(5, STEPS))
@@ -65,9 +63,7 @@ def _save_on_rank(rank, world, out_dir):
 def _load_consolidated_on_rank(rank, world, out_dir):
     saved = torch.load(f"{out_dir}/consolidated.pt")
     model = smt_model()
-    with torch.no_grad():
-        for p, q in zip(blocks_of(model), saved["model"], strict=True):
-            p.copy_(q)
+    load_blocks(model, saved["model"])
     optimizer = BlockShardedAdamW(blocks_of(model), lr=LR, weight_decay=0.1)
     optimizer.load_state_dict(saved["optim"])
     train(model, optimizer, rank=rank, world=world, accumulation=1, clip=None, steps=range(5, STEPS))
@@ -84,9 +80,7 @@ def test_save_and_load_at_world_size_two_and_one(tmp_path):
     # World size 1: a plain process loads the 2-rank consolidated state and continues.
     saved = torch.load(tmp_path / "consolidated.pt")
     model = smt_model()
-    with torch.no_grad():
-        for p, q in zip(blocks_of(model), saved["model"], strict=True):
-            p.copy_(q)
+    load_blocks(model, saved["model"])
     optimizer = BlockShardedAdamW(blocks_of(model), lr=LR, weight_decay=0.1)
     optimizer.load_state_dict(saved["optim"])
     train(model, optimizer, rank=None, world=1, accumulation=1, clip=None, steps=range(5, STEPS))

@@ -7,6 +7,7 @@ boundaries, the learning rate, and saving/loading their state inside a checkpoin
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -62,28 +63,17 @@ class DeepSpeedBackend:
             raise FileNotFoundError(f"{directory} holds no DeepSpeed engine state under '{ENGINE_TAG}'.")
 
 
-class TorchBackend:
-    """No engine and no DDP: ``BlockShardedAdamW`` exchanges exactly the block gradients."""
+class _LocalLoop:
+    """What the torch and FSDP backends share: accumulation, scheduler, and its saved state."""
 
-    name = "torch"
-
-    def __init__(self, model: torch.nn.Module, *, lr_lambda, args: Any) -> None:
+    def __init__(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, lr_lambda, args: Any
+    ) -> None:
         self.module = model
-        self.blocks = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = BlockShardedAdamW(
-            self.blocks,
-            lr=args.learning_rate,
-            weight_decay=args.weight_decay,
-            max_grad_norm=args.max_grad_norm or None,
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+        self.optimizer = optimizer
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
         self.accumulation = args.gradient_accumulation_steps
         self.micro_steps = 0
-
-    def gathered(self, params):  # parameters are never partitioned here
-        from contextlib import nullcontext
-
-        return nullcontext()
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.module(**batch).loss
@@ -94,22 +84,52 @@ class TorchBackend:
     def step(self) -> None:
         self.micro_steps += 1
         if self.micro_steps % self.accumulation == 0:
+            self.clip()
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
 
+    def clip(self) -> None:
+        """Clip the gradients before an update (nothing by default)."""
+
     def learning_rate(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def save(self, directory: Path) -> None:
-        """This rank's optimizer shard; rank 0 adds the scheduler (blocks are in the adapter)."""
-        rank = dist.get_rank()
-        torch.save(self.optimizer.state_dict(), directory / f"optimizer_rank{rank}.pt")
-        if rank == 0:
+    def save_schedule(self, directory: Path) -> None:
+        if dist.get_rank() == 0:
             torch.save(
                 {"scheduler": self.scheduler.state_dict(), "micro_steps": self.micro_steps},
                 directory / "scheduler.pt",
             )
+
+    def load_schedule(self, directory: Path) -> None:
+        extra = torch.load(directory / "scheduler.pt", weights_only=False)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.micro_steps = extra["micro_steps"]
+
+
+class TorchBackend(_LocalLoop):
+    """No engine and no DDP: ``BlockShardedAdamW`` exchanges exactly the block gradients."""
+
+    name = "torch"
+
+    def __init__(self, model: torch.nn.Module, *, lr_lambda, args: Any) -> None:
+        self.blocks = [p for p in model.parameters() if p.requires_grad]
+        optimizer = BlockShardedAdamW(
+            self.blocks,
+            lr=args.learning_rate,
+            weight_decay=args.weight_decay,
+            max_grad_norm=args.max_grad_norm or None,  # clipped inside step(), on averaged gradients
+        )
+        super().__init__(model, optimizer, lr_lambda=lr_lambda, args=args)
+
+    def gathered(self, params):  # parameters are never partitioned here
+        return contextlib.nullcontext()
+
+    def save(self, directory: Path) -> None:
+        """This rank's optimizer shard and the schedule (the blocks are in the adapter)."""
+        torch.save(self.optimizer.state_dict(), directory / f"optimizer_rank{dist.get_rank()}.pt")
+        self.save_schedule(directory)
 
     def load(self, directory: Path) -> None:
         shard = directory / f"optimizer_rank{dist.get_rank()}.pt"
@@ -118,12 +138,10 @@ class TorchBackend:
                 f"{shard} is missing: was the checkpoint written by this backend and world size?"
             )
         self.optimizer.load_state_dict(torch.load(shard, weights_only=False))
-        extra = torch.load(directory / "scheduler.pt", weights_only=False)
-        self.scheduler.load_state_dict(extra["scheduler"])
-        self.micro_steps = extra["micro_steps"]
+        self.load_schedule(directory)
 
 
-class FsdpBackend:
+class FsdpBackend(_LocalLoop):
     """FSDP2 units per decoder layer; torch AdamW on the sharded (DTensor) blocks."""
 
     name = "fsdp"
@@ -131,36 +149,20 @@ class FsdpBackend:
     def __init__(self, model: torch.nn.Module, *, lr_lambda, args: Any, cpu_offload: bool = False) -> None:
         from smt_dist.distributed.fsdp import shard_model
 
-        self.module = shard_model(model, cpu_offload=cpu_offload)
+        shard_model(model, cpu_offload=cpu_offload)
         self.blocks = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.blocks, lr=args.learning_rate, weight_decay=args.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
-        self.accumulation = args.gradient_accumulation_steps
+        optimizer = torch.optim.AdamW(self.blocks, lr=args.learning_rate, weight_decay=args.weight_decay)
+        super().__init__(model, optimizer, lr_lambda=lr_lambda, args=args)
         self.max_grad_norm = args.max_grad_norm
-        self.micro_steps = 0
 
     def gathered(self, params):
         from smt_dist.distributed.fsdp import unsharded
 
         return unsharded(self.module)
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.module(**batch).loss
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.accumulation).backward()
-
-    def step(self) -> None:
-        self.micro_steps += 1
-        if self.micro_steps % self.accumulation == 0:
-            if self.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(self.blocks, self.max_grad_norm)  # global norm over DTensors
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-
-    def learning_rate(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+    def clip(self) -> None:
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.blocks, self.max_grad_norm)  # global norm over DTensors
 
     def _states(self):
         from torch.distributed.checkpoint.state_dict import (
@@ -180,11 +182,7 @@ class FsdpBackend:
         import torch.distributed.checkpoint as dcp
 
         dcp.save(self._states(), checkpoint_id=str(directory / "fsdp"))
-        if dist.get_rank() == 0:
-            torch.save(
-                {"scheduler": self.scheduler.state_dict(), "micro_steps": self.micro_steps},
-                directory / "scheduler.pt",
-            )
+        self.save_schedule(directory)
 
     def load(self, directory: Path) -> None:
         import torch.distributed.checkpoint as dcp
@@ -201,6 +199,4 @@ class FsdpBackend:
         options = StateDictOptions(ignore_frozen_params=True, strict=False)
         set_model_state_dict(self.module, states["model"], options=options)
         set_optimizer_state_dict(self.module, self.optimizer, states["optim"], options=options)
-        extra = torch.load(directory / "scheduler.pt", weights_only=False)
-        self.scheduler.load_state_dict(extra["scheduler"])
-        self.micro_steps = extra["micro_steps"]
+        self.load_schedule(directory)

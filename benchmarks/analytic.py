@@ -1,0 +1,196 @@
+"""An analytic model of SMT, LoRA, DoRA and full fine-tuning: FLOPs, bytes and memory per step.
+
+    python benchmarks/analytic.py                # markdown tables for LLaMA-7B and 13B shapes
+
+``benchmarks/compare.py`` puts its measurements next to ``step_flops`` from here; the memory
+tables in ``docs/performance.md`` are printed by this file. Assumptions, stated once:
+
+- Linear layers dominate; a linear of ``P`` weights costs ``2P`` FLOPs per token forward, ``2P``
+  for its input gradient and ``2P`` for its weight gradient. Attention scores cost ``4 s h`` per
+  token and layer forward (``s`` sequence, ``h`` hidden) and twice that backward.
+- Every method pays the forward and the input-gradient backward (every trainable layer sits
+  under later layers); that sum is the floor no method training inside the network can beat.
+  SMT adds three block products (forward delta, input-gradient delta, block gradient): ``6 f P``
+  for a fraction ``f`` of the targeted weights in blocks. LoRA adds ``6 r (in + out)`` per
+  adapted linear; DoRA also normalises the adapted weight each step (``~6 in out`` per linear).
+  Full fine-tuning adds the weight gradients, ``2P``.
+- Memory per GPU, bf16 weights and gradients, fp32 AdamW master and moments (16 bytes per
+  trainable parameter in all), world size ``N``. ZeRO-2 keeps the bf16 weights everywhere and
+  partitions gradients and optimizer states; ZeRO-3 partitions everything; offload moves the
+  partitioned weights and optimizer states to host memory. Activations follow Korthikanti et
+  al. (2022) with flash attention: ``34 h`` bytes per token and layer in bf16 for full
+  fine-tuning; a frozen linear does not keep its input, which saves the inputs of q/k/v (shared),
+  o, gate/up (shared) and down: ``2 (3 h + i)`` bytes (``i`` the MLP width). SMT keeps, per
+  target, the input column-blocks its selected blocks read (``column_coverage``, an upper
+  bound); LoRA keeps the targets' input once and the rank-``r`` intermediates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Llama-shaped decoder."""
+
+    name: str
+    hidden: int
+    layers: int
+    mlp: int
+    vocab: int
+    heads: int
+    kv_heads: int
+
+    @property
+    def kv(self) -> int:
+        return self.hidden // self.heads * self.kv_heads
+
+    @property
+    def qkv_per_layer(self) -> list[tuple[int, int]]:
+        """(in, out) of q, k, v."""
+        return [(self.hidden, self.hidden), (self.hidden, self.kv), (self.hidden, self.kv)]
+
+    @property
+    def linear_params(self) -> int:
+        attention = self.hidden * (2 * self.hidden + 2 * self.kv)
+        return self.layers * (attention + 3 * self.hidden * self.mlp) + self.vocab * self.hidden
+
+    @property
+    def total_params(self) -> int:
+        return self.linear_params + self.vocab * self.hidden
+
+
+SHAPES = {
+    "119m": Shape("119m", 1024, 8, 2816, 8000, 16, 16),
+    "7b": Shape("LLaMA-7B", 4096, 32, 11008, 32000, 32, 32),
+    "13b": Shape("LLaMA-13B", 5120, 40, 13824, 32000, 40, 40),
+}
+
+
+def step_flops(
+    shape: Shape, method: str, *, tokens: int, seq: int, fraction: float = 0.01, rank: int = 16
+) -> float:
+    """Training FLOPs of one step over ``tokens`` tokens; ``method`` in full/floor/smt/lora/dora."""
+    linear = 2 * shape.linear_params
+    attention = 4 * seq * shape.hidden * shape.layers
+    floor = 2 * linear + 3 * attention  # forward + input-gradient backward
+    if method == "floor":
+        extra = 0.0
+    elif method == "full":
+        extra = linear
+    elif method == "smt":
+        extra = 6 * fraction * shape.total_params
+    elif method in ("lora", "dora"):
+        extra = 6 * rank * shape.layers * sum(i + o for i, o in shape.qkv_per_layer)
+        if method == "dora":  # weight norm of each adapted linear, forward and backward, per step
+            extra += 6 * shape.layers * sum(i * o for i, o in shape.qkv_per_layer) / tokens
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    return tokens * (floor + extra)
+
+
+def trainable(shape: Shape, method: str, *, fraction: float = 0.01, rank: int = 16) -> int:
+    if method == "full":
+        return shape.total_params
+    if method == "smt":
+        return int(fraction * shape.total_params)
+    if method in ("lora", "dora"):
+        extra = shape.layers * sum(o for _, o in shape.qkv_per_layer) if method == "dora" else 0
+        return rank * shape.layers * sum(i + o for i, o in shape.qkv_per_layer) + extra
+    raise ValueError(method)
+
+
+def activation_bytes_per_token(shape: Shape, method: str, *, fraction: float = 0.01, rank: int = 16) -> float:
+    full = 34 * shape.hidden * shape.layers
+    if method == "full":
+        return full
+    frozen_inputs = 2 * (3 * shape.hidden + shape.mlp) * shape.layers
+    kept = full - frozen_inputs
+    if method == "smt":  # selected column-blocks of the q/k/v inputs, each module its own copy
+        return kept + 2 * 3 * shape.hidden * shape.layers * column_coverage(shape, fraction)
+    return kept + 2 * shape.layers * (shape.hidden + 3 * rank)  # LoRA/DoRA: shared input + r-dim outputs
+
+
+def column_coverage(shape: Shape, fraction: float, *, block: int = 256) -> float:
+    """Upper bound on the share of a target's input columns that its selected blocks read.
+
+    The budget ``fraction`` of all parameters spread over q, k, v selects a share of each
+    target's blocks; every selected block reads one column-block, and a column-block read by
+    several rows is kept once, so at most ``min(1, share * rows)`` of the columns are kept.
+    """
+    targets = shape.layers * sum(i * o for i, o in shape.qkv_per_layer)
+    share = fraction * shape.total_params / targets
+    return min(1.0, share * shape.hidden / block)
+
+
+def memory_per_gpu(
+    shape: Shape,
+    method: str,
+    *,
+    stage: str,
+    world: int = 8,
+    tokens_per_gpu: int = 4096,
+    fraction: float = 0.01,
+    rank: int = 16,
+) -> dict[str, float]:
+    """GiB per GPU: weights, gradients, optimizer states, activations, total."""
+    weights = 2 * shape.total_params
+    train = trainable(shape, method, fraction=fraction, rank=rank)
+    grads = 2 * train
+    optim = 12 * train  # fp32 master + two moments
+    if stage == "zero2":
+        parts = {"weights": weights, "gradients": grads / world, "optimizer": optim / world}
+    elif stage == "zero3":
+        parts = {"weights": weights / world, "gradients": grads / world, "optimizer": optim / world}
+    elif stage == "zero3_offload":
+        # Partitioned weights and optimizer states live in host memory; one layer is gathered at a time.
+        parts = {
+            "weights": 2 * 2 * shape.total_params / shape.layers,
+            "gradients": grads / world,
+            "optimizer": 0.0,
+        }
+    else:
+        raise ValueError(stage)
+    parts["activations"] = tokens_per_gpu * activation_bytes_per_token(
+        shape, method, fraction=fraction, rank=rank
+    )
+    parts["total"] = sum(parts.values())
+    return {k: v / 2**30 for k, v in parts.items()}
+
+
+def memory_table(shape: Shape, *, world: int = 8, tokens_per_gpu: int = 4096) -> str:
+    """Markdown table of per-GPU memory for each method and ZeRO stage."""
+    rows = [
+        f"{shape.name}, {world} GPUs, {tokens_per_gpu} tokens per GPU per micro-batch, bf16 weights, fp32 AdamW states",
+        "",
+        "| stage | method | trainable | weights | grads | Adam | activations | total GiB | vs full |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for stage in ("zero2", "zero3", "zero3_offload"):
+        full_total = memory_per_gpu(shape, "full", stage=stage, world=world, tokens_per_gpu=tokens_per_gpu)[
+            "total"
+        ]
+        for method in ("full", "lora", "smt"):
+            m = memory_per_gpu(shape, method, stage=stage, world=world, tokens_per_gpu=tokens_per_gpu)
+            share = 100 * trainable(shape, method) / shape.total_params
+            rows.append(
+                f"| {stage} | {method} | {share:.2f}% | {m['weights']:.1f} | {m['gradients']:.2f} | "
+                f"{m['optimizer']:.2f} | {m['activations']:.1f} | {m['total']:.1f} | {m['total'] / full_total:.2f} |"
+            )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    for key in ("7b", "13b"):
+        print(memory_table(SHAPES[key]))
+        print()
+    single = SHAPES["7b"]
+    print("Single GPU, no ZeRO (the paper's setting), LLaMA-7B, 4096 tokens:")
+    for method in ("full", "lora", "smt"):
+        m = memory_per_gpu(single, method, stage="zero2", world=1)
+        print(f"  {method:5} {m['total']:.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -24,7 +24,7 @@ setup(
         "mpich; sys_platform == 'linux'",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6"],
+        "test": ["pytest>=8", "ruff>=0.6", "peft>=0.13"],
         "bench": ["peft>=0.13", "matplotlib"],
     },
 )

@@ -46,7 +46,7 @@ from smt_dist.distributed import check_same_selection  # noqa: E402
 from smt_dist.distributed.launch import init_process_group  # noqa: E402
 from smt_dist.io import atomic_directory, write_json  # noqa: E402
 from smt_dist.model import selection_of  # noqa: E402
-from smt_dist.selection import budget_in_blocks  # noqa: E402
+from smt_dist.selection import budget_in_blocks, check_budget_fits  # noqa: E402
 from smt_dist.training.arguments import TrainArguments, parse_args  # noqa: E402
 from smt_dist.training.backends import DeepSpeedBackend, FsdpBackend, TorchBackend  # noqa: E402
 from smt_dist.training.checkpoint import (  # noqa: E402
@@ -64,7 +64,7 @@ RUN_MARKERS = ("train_log.jsonl", "adapter", "selection.json")
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
-        run = Setup(args)
+        run = TrainingJob(args)
     except (ValueError, FileNotFoundError) as err:
         # Inputs are the same on every rank, so one rank saying it is enough.
         if rank_from_env() == 0:
@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class Setup:
-    """Everything checked before a process group exists: arguments, files, model, data."""
+class TrainingJob:
+    """One run: ``__init__`` checks every input before a process group exists, ``train`` runs it."""
 
     def __init__(self, args: TrainArguments) -> None:
         self.args = args
@@ -109,17 +109,14 @@ class Setup:
             self.resolve_ds_config(self.user_ds_config, world_size_from_env())
         self.tokenizer = load_tokenizer(args.model_dir)
         records = read_records(args.data_file)
-        self.examples, dropped = tokenize_records(records, self.tokenizer, max_seq_length=args.max_seq_length)
-        self.dropped = dropped
+        self.examples, self.dropped = tokenize_records(
+            records, self.tokenizer, max_seq_length=args.max_seq_length
+        )
         self.model = build_model(args)
         targets = find_targets(self.model, self.smt_config)  # checks block size against every target
         total_blocks = sum(t.weight.numel() for t in targets.values()) // self.smt_config.block_size**2
         budget = budget_in_blocks(self.smt_config, total_params=count_parameters(self.model))
-        if budget > total_blocks:
-            raise ValueError(
-                f"The budget of {budget} blocks exceeds the {total_blocks} blocks of the {len(targets)} "
-                "target modules; lower --smt_num_blocks/--smt_ratio or target more modules."
-            )
+        check_budget_fits(budget, available=total_blocks, modules=len(targets))
 
     def resolve_ds_config(self, config: dict, world_size: int) -> dict:
         """The DeepSpeed config for this run; raises ``ValueError`` when it contradicts the arguments."""

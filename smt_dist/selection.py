@@ -99,6 +99,15 @@ def budget_in_blocks(config: SMTConfig, *, total_params: int | None) -> int:
     return count
 
 
+def check_budget_fits(budget: int, *, available: int, modules: int) -> None:
+    """Raise ``ValueError`` when a budget asks for more blocks than the targets have."""
+    if budget > available:
+        raise ValueError(
+            f"The budget of {budget} blocks exceeds the {available} blocks of the {modules} target "
+            "modules; lower num_blocks/ratio or target more modules."
+        )
+
+
 def select_blocks(
     scores: dict[str, torch.Tensor], config: SMTConfig, *, total_params: int | None = None
 ) -> BlockSelection:
@@ -122,11 +131,7 @@ def select_blocks(
             raise ValueError(f"Scores for '{name}' contain NaN or infinity; check the warm-up loss.")
         flat_scores.append(score.flatten())
     flat = torch.cat(flat_scores)
-    if budget > flat.numel():
-        raise ValueError(
-            f"The budget of {budget} blocks exceeds the {flat.numel()} blocks of the "
-            f"{len(names)} target modules; lower num_blocks/ratio or target more modules."
-        )
+    check_budget_fits(budget, available=flat.numel(), modules=len(names))
     order = torch.sort(flat, descending=True, stable=True).indices
     order = _apply_caps(order, names, [s.numel() for s in flat_scores], budget, config)
 

@@ -20,6 +20,7 @@ Bad input stops the job with one sentence and exit code 1 before anything is wri
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import sys
 import time
@@ -131,8 +132,9 @@ class TrainingJob:
         )
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        """The padded micro-batch of the given example indices."""
-        return collate([self.examples[i] for i in indices], pad_token_id=self.tokenizer.pad_token_id)
+        """The padded micro-batch of the given example indices, on this rank's device."""
+        batch = collate([self.examples[i] for i in indices], pad_token_id=self.tokenizer.pad_token_id)
+        return {name: tensor.to(self.device) for name, tensor in batch.items()}
 
     def train(self) -> None:
         args, log = self.args, get_logger()
@@ -141,6 +143,13 @@ class TrainingJob:
         else:
             init_process_group()
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        # Warm-up and training run on this rank's accelerator; the model was built on the CPU.
+        self.device = (
+            torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
+        self.model.to(self.device)
         ds_config = self.resolve_ds_config(self.user_ds_config, world) if self.ds else None
         order = BatchOrder(len(self.examples), args.per_device_train_batch_size, rank, world, args.seed)
         if order.batches_per_epoch < 1:

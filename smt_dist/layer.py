@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smt_dist.blocks import block_grid, gather_blocks, scatter_blocks
+from smt_dist.blocks import block_grid, scatter_blocks
 
 
 class _SparseBlockLinear(torch.autograd.Function):
@@ -205,20 +205,9 @@ class SparseLinear(nn.Module):
         return y.view(*leading, self.out_features)
 
     @torch.no_grad()
-    def delta_weight(self) -> torch.Tensor:
-        """The dense ``(out, in)`` delta: the blocks in place, zeros elsewhere."""
-        zeros = torch.zeros_like(self.weight, dtype=self.blocks.dtype)
-        return scatter_blocks(zeros, self.block_index, self.blocks.detach(), add=False)
-
-    @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """A new tensor ``W + D`` in the weight's dtype; the base weight is not touched."""
         return scatter_blocks(self.weight, self.block_index, self.blocks.detach(), add=True)
-
-    @torch.no_grad()
-    def base_blocks(self) -> torch.Tensor:
-        """A copy of the base weight's values at the selected blocks, ``[nb, l, l]``."""
-        return gather_blocks(self.weight.detach(), self.block_index, self.block_size)
 
     def to_linear(self) -> nn.Linear:
         """A plain frozen ``nn.Linear`` holding the merged weight."""

@@ -42,6 +42,22 @@ class Shape:
     heads: int
     kv_heads: int
 
+    @classmethod
+    def from_size(cls, size: str, *, name: str | None = None) -> Shape:
+        """The shape of ``models.SIZES[size]``."""
+        from models import SIZES
+
+        c = SIZES[size]
+        return cls(
+            name or size,
+            c["hidden_size"],
+            c["num_hidden_layers"],
+            c["intermediate_size"],
+            c["vocab_size"],
+            c["num_attention_heads"],
+            c["num_key_value_heads"],
+        )
+
     @property
     def kv(self) -> int:
         return self.hidden // self.heads * self.kv_heads
@@ -62,9 +78,9 @@ class Shape:
 
 
 SHAPES = {
-    "119m": Shape("119m", 1024, 8, 2816, 8000, 16, 16),
-    "7b": Shape("LLaMA-7B", 4096, 32, 11008, 32000, 32, 32),
-    "13b": Shape("LLaMA-13B", 5120, 40, 13824, 32000, 40, 40),
+    "119m": Shape.from_size("119m"),
+    "7b": Shape.from_size("7b", name="LLaMA-7B"),
+    "13b": Shape.from_size("13b", name="LLaMA-13B"),
 }
 
 

@@ -1,6 +1,6 @@
 """Bytes per step that SMT's optimizer exchanges, next to the ideal and to DDP full fine-tuning.
 
-    python benchmarks/comm.py                 # 2 gloo ranks on CPU, a 4-layer Llama, 1% budget
+    python benchmarks/comm.py                 # 2 gloo ranks on CPU, the small Llama, 1% budget
 
 Spawns 2 ranks. SMT: warm-up scoring and selection, then ``BlockShardedAdamW`` steps; its
 ``bytes_last_step`` counts the buffers it hands to reduce-scatter and all-gather. Ideal: one
@@ -21,32 +21,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-SHAPE = dict(
-    hidden_size=512,
-    intermediate_size=1408,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    vocab_size=4000,
-    max_position_embeddings=512,
-)
+from models import SIZES, build_llama, random_batches
 
 
-def build():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SHAPE))
-    model.config.use_cache = False
-    return model
-
-
-def batch(rank: int, step: int, seq: int):
-    ids = torch.randint(
-        0, SHAPE["vocab_size"], (2, seq), generator=torch.Generator().manual_seed(1000 * rank + step)
-    )
-    return {"input_ids": ids, "labels": ids}
+def batch(size: str, rank: int, step: int, seq: int) -> dict[str, torch.Tensor]:
+    return next(random_batches(size, 1, batch=2, seq=seq, seed=1000 * rank + step))
 
 
 def worker(rank: int, world: int, port: int, args, out: str) -> None:
@@ -62,19 +41,19 @@ def worker(rank: int, world: int, port: int, args, out: str) -> None:
         warmup_steps=2,
         target_modules=tuple(args.targets.split(",")),
     )
-    model = build()
-    scores = collect_block_scores(model, (batch(rank, s, args.seq) for s in range(2)), config)
+    model = build_llama(args.size)
+    scores = collect_block_scores(model, (batch(args.size, rank, s, args.seq) for s in range(2)), config)
     selection = select_blocks(scores, config, total_params=count_parameters(model))
     check_same_selection(selection)
     apply_smt(model, selection, config)
     optimizer = BlockShardedAdamW(
         [p for p in model.parameters() if p.requires_grad], lr=1e-4, max_grad_norm=1.0
     )
-    model(**batch(rank, 10, args.seq)).loss.backward()
+    model(**batch(args.size, rank, 10, args.seq)).loss.backward()
     optimizer.step()
     smt_bytes = optimizer.bytes_last_step
 
-    full = build()
+    full = build_llama(args.size)
     ddp_bytes = 0
 
     def counting_allreduce(state, bucket):
@@ -85,7 +64,7 @@ def worker(rank: int, world: int, port: int, args, out: str) -> None:
 
     ddp = torch.nn.parallel.DistributedDataParallel(full)
     ddp.register_comm_hook(None, counting_allreduce)
-    ddp(**batch(rank, 10, args.seq)).loss.backward()
+    ddp(**batch(args.size, rank, 10, args.seq)).loss.backward()
 
     if rank == 0:
         result = {
@@ -103,6 +82,7 @@ def worker(rank: int, world: int, port: int, args, out: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--ratio", type=float, default=0.01)
     parser.add_argument("--seq", type=int, default=64)

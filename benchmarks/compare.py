@@ -26,68 +26,14 @@ import time
 from pathlib import Path
 
 import torch
+from models import SIZES, build_llama, random_batches
 
-SIZES = {
-    "tiny": dict(
-        hidden_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        intermediate_size=704,
-        vocab_size=2000,
-    ),
-    "small": dict(
-        hidden_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        intermediate_size=1408,
-        vocab_size=4000,
-    ),
-    "119m": dict(
-        hidden_size=1024,
-        num_hidden_layers=8,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        intermediate_size=2816,
-        vocab_size=8000,
-    ),
-    "1b": dict(
-        hidden_size=2048,
-        num_hidden_layers=16,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        intermediate_size=5632,
-        vocab_size=32000,
-    ),
-    "7b": dict(
-        hidden_size=4096,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        intermediate_size=11008,
-        vocab_size=32000,
-    ),
-}
 SMT_RATIOS = (0.005, 0.01, 0.02, 0.05)
 TARGETS = ("q_proj", "k_proj", "v_proj")
 
 
-def build(size: str, device: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SIZES[size], max_position_embeddings=2048)).to(device)
-    model.config.use_cache = False
-    return model
-
-
 def batches(args, count: int):
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(count):
-        ids = torch.randint(0, SIZES[args.size]["vocab_size"], (args.batch, args.seq), generator=generator)
-        ids = ids.to(args.device)
-        yield {"input_ids": ids, "labels": ids}
+    return random_batches(args.size, count, batch=args.batch, seq=args.seq, device=args.device)
 
 
 def peak_bytes(device: str) -> int:
@@ -98,10 +44,10 @@ def peak_bytes(device: str) -> int:
 
 def lora_rank(size: str, trainable: int) -> int:
     """The LoRA rank on q, k, v whose trainable count is nearest ``trainable``."""
-    shape = SIZES[size]
-    head_dim = shape["hidden_size"] // shape["num_attention_heads"]
-    kv = shape["num_key_value_heads"] * head_dim
-    per_rank = shape["num_hidden_layers"] * ((2 * shape["hidden_size"]) + 2 * (shape["hidden_size"] + kv))
+    from analytic import Shape
+
+    shape = Shape.from_size(size)
+    per_rank = shape.layers * sum(i + o for i, o in shape.qkv_per_layer)
     return max(1, round(trainable / per_rank))
 
 
@@ -119,7 +65,7 @@ def run_method(args) -> dict:
     )
 
     torch.set_num_threads(args.threads)
-    model = build(args.size, args.device)
+    model = build_llama(args.size, args.device)
     total = count_parameters(model)
     loaded = peak_bytes(args.device)
     block = args.block_size
@@ -213,16 +159,7 @@ def predicted_seconds(args, method: str, trainable: int, rank: int, machine: dic
     kind = method.split("-")[0]
     if kind == "warmup":
         return None
-    shape = SIZES[args.size]
-    model = Shape(
-        args.size,
-        shape["hidden_size"],
-        shape["num_hidden_layers"],
-        shape["intermediate_size"],
-        shape["vocab_size"],
-        shape["num_attention_heads"],
-        shape["num_key_value_heads"],
-    )
+    model = Shape.from_size(args.size)
     kwargs = {"fraction": float(method.split("-")[1]) / 100} if kind == "smt" else {"rank": rank}
     flops = step_flops(model, kind, tokens=args.batch * args.seq, seq=args.seq, **kwargs)
     return flops / (machine["gflops"] * 1e9) + 28 * trainable / (machine["copy_gbps"] * 1e9)

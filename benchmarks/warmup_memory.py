@@ -21,42 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-
-SIZES = {
-    # hidden, layers, heads, kv heads, MLP, vocab: DESIGN.md's 119M reference shape.
-    "119m": dict(
-        hidden_size=1024,
-        num_hidden_layers=8,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        intermediate_size=2816,
-        vocab_size=8000,
-    ),
-    "tiny": dict(
-        hidden_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=512,
-        vocab_size=1000,
-    ),
-}
-
-
-def build(size: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SIZES[size], max_position_embeddings=1024))
-    model.config.use_cache = False
-    return model
-
-
-def batches(count: int, *, batch: int, seq: int, vocab: int):
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(count):
-        ids = torch.randint(0, vocab, (batch, seq), generator=generator)
-        yield {"input_ids": ids, "labels": ids}
+from models import SIZES, build_llama, random_batches
 
 
 def peak_mib() -> float:
@@ -67,8 +32,7 @@ def run_phase(args: argparse.Namespace) -> dict:
     """One phase in this process; prints its JSON result."""
     from smt_dist import SMTConfig, apply_smt, collect_block_scores, count_parameters, select_blocks
 
-    model = build(args.size)
-    vocab = SIZES[args.size]["vocab_size"]
+    model = build_llama(args.size)
     loaded = peak_mib()
     config = SMTConfig(
         block_size=args.block_size,
@@ -76,7 +40,7 @@ def run_phase(args: argparse.Namespace) -> dict:
         warmup_steps=args.steps,
         target_modules=tuple(args.targets.split(",")),
     )
-    data = batches(args.steps, batch=args.batch, seq=args.seq, vocab=vocab)
+    data = random_batches(args.size, args.steps, batch=args.batch, seq=args.seq)
     if args.phase == "warmup":
         scores = collect_block_scores(model, data, config)
         selection = select_blocks(scores, config, total_params=count_parameters(model))

@@ -181,21 +181,29 @@ class BlockShardedAdamW(torch.optim.Optimizer):
 
     def _all_gather_params(self) -> None:
         param = self._params[0]
+        everyone = self._from_owners(self._master, param.dtype, count_bytes=True)
+        for rank, slot, block in self._owner_slots():
+            self._params[block.param][block.index].copy_(everyone[rank, slot])
+
+    def _from_owners(self, owned: torch.Tensor, dtype: torch.dtype, *, count_bytes: bool) -> torch.Tensor:
+        """Every rank's owned blocks, ``[world, slots, l, l]`` in ``dtype`` (an all-gather)."""
+        device = self._params[0].device
         l = self.block_size
-        mine = torch.zeros(self._slots, l, l, dtype=param.dtype, device=param.device)
-        mine[: len(self.owned)] = self._master.to(param.device, param.dtype)
-        if self.world_size > 1:
-            everyone = torch.empty(
-                self.world_size * self._slots, l, l, dtype=param.dtype, device=param.device
-            )
-            _all_gather(everyone, mine, group=self.group)
+        mine = torch.zeros(self._slots, l, l, dtype=dtype, device=device)
+        mine[: len(self.owned)] = owned.to(device, dtype)
+        if self.world_size == 1:
+            return mine.unsqueeze(0)
+        everyone = torch.empty(self.world_size * self._slots, l, l, dtype=dtype, device=device)
+        _all_gather(everyone, mine, group=self.group)
+        if count_bytes:
             self.bytes_last_step += everyone.numel() * everyone.element_size()
-            everyone = everyone.view(self.world_size, self._slots, l, l)
-        else:
-            everyone = mine.unsqueeze(0)
+        return everyone.view(self.world_size, self._slots, l, l)
+
+    def _owner_slots(self):
+        """``(rank, slot, block)`` for every block, in owner order."""
         for rank, (start, stop) in enumerate(self._owned_ranges):
             for slot, block in enumerate(self._blocks[start:stop]):
-                self._params[block.param][block.index].copy_(everyone[rank, slot])
+                yield rank, slot, block
 
     def _gather_owned(self, device: torch.device) -> torch.Tensor:
         l = self.block_size
@@ -276,19 +284,10 @@ class BlockShardedAdamW(torch.optim.Optimizer):
         return [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]
 
     def _gather_full(self, owned: torch.Tensor) -> list[torch.Tensor]:
-        l = self.block_size
-        mine = torch.zeros(self._slots, l, l, dtype=torch.float32, device=self._params[0].device)
-        mine[: len(self.owned)] = owned.to(mine.device)
-        if self.world_size > 1:
-            everyone = torch.empty(self.world_size * self._slots, l, l, dtype=mine.dtype, device=mine.device)
-            _all_gather(everyone, mine, group=self.group)
-            everyone = everyone.view(self.world_size, self._slots, l, l)
-        else:
-            everyone = mine.unsqueeze(0)
+        everyone = self._from_owners(owned, torch.float32, count_bytes=False)
         full = [torch.zeros(p.shape, dtype=torch.float32) for p in self._params]
-        for rank, (start, stop) in enumerate(self._owned_ranges):
-            for slot, block in enumerate(self._blocks[start:stop]):
-                full[block.param][block.index] = everyone[rank, slot].cpu()
+        for rank, slot, block in self._owner_slots():
+            full[block.param][block.index] = everyone[rank, slot].cpu()
         return full
 
 

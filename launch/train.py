@@ -177,7 +177,6 @@ class TrainingJob:
         )
         # Phases 1 and 2: warm-up scoring and selection, or the selection of the checkpoint.
         model = self.model
-        fingerprint = base_fingerprint(model, sorted(find_targets(model, self.smt_config)))
         if self.resume:
             load_smt_adapter(model, self.resume / "adapter")
             log.info("resuming from %s", self.resume)
@@ -193,6 +192,8 @@ class TrainingJob:
             )
             apply_smt(model, selection, self.smt_config)
         selection = selection_of(model)
+        # Taken now, while every rank still holds whole base weights (ZeRO-3 partitions them later).
+        fingerprint = base_fingerprint(model, sorted(selection.blocks))
         check_same_selection(selection)
         summary = selection_summary(selection, self.smt_config, count_parameters(model))
         log.info("selection: %s", summary)

@@ -24,13 +24,10 @@ import torch
 import torch.distributed as dist
 
 from smt_dist.io import write_json
+from smt_dist.training.logs import rank_from_env
 
 STATE_NAME = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _barrier() -> None:
@@ -73,17 +70,17 @@ def save_checkpoint(
     """Write checkpoint ``step`` on every rank (a collective call) and prune to ``keep``."""
     final = output_dir / f"checkpoint-{step}"
     staging = output_dir / f".checkpoint-{step}.partial"
-    if _rank() == 0:
+    if rank_from_env() == 0:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     _barrier()
     backend.save(staging)
-    torch.save(_rng_state(), staging / f"rng_state_{_rank()}.pt")
+    torch.save(_rng_state(), staging / f"rng_state_{rank_from_env()}.pt")
     write_adapter(staging / "adapter")
-    if _rank() == 0:
+    if rank_from_env() == 0:
         write_json(staging / STATE_NAME, state)
     _barrier()
-    if _rank() == 0:
+    if rank_from_env() == 0:
         if final.exists():  # a resumed run saving a step it had saved before
             shutil.rmtree(final)
         staging.rename(final)
@@ -96,7 +93,7 @@ def save_checkpoint(
 def load_checkpoint(backend: Any, path: Path) -> dict[str, Any]:
     """Restore the backend's state and this rank's RNG from ``path``; return the trainer state."""
     backend.load(path)
-    rng_file = path / f"rng_state_{_rank()}.pt"
+    rng_file = path / f"rng_state_{rank_from_env()}.pt"
     if not rng_file.is_file():
         raise FileNotFoundError(f"{rng_file} is missing: was the checkpoint written by as many ranks?")
     _set_rng_state(torch.load(rng_file, weights_only=False))

@@ -53,6 +53,16 @@ def dense_reference(layer: SparseLinear, x: torch.Tensor, grad_y: torch.Tensor, 
     return y, x_ref.grad, gather_blocks(weight.grad, layer.block_index, layer.block_size)
 
 
+def assert_matches_dense_fp32(layer: SparseLinear, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Backpropagate a random gradient through ``y`` and compare everything with dense autograd."""
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    y_ref, gx_ref, gb_ref = dense_reference(layer, x, grad_y)
+    torch.testing.assert_close(y, y_ref, **FP32)
+    torch.testing.assert_close(x.grad, gx_ref, **FP32)
+    torch.testing.assert_close(layer.blocks.grad, gb_ref, **FP32)
+
+
 CASES = [
     # (out, in, l, nb, leading shape): square, non-square, GQA-like narrow out, 2-D/3-D/4-D.
     (64, 64, 16, 5, (7,)),
@@ -68,13 +78,7 @@ CASES = [
 def test_matches_dense_autograd_fp32(out_f, in_f, l, nb, lead, bias):
     layer = random_layer(out_f, in_f, l, nb, bias=bias, seed=out_f + in_f + nb)
     x = torch.randn(*lead, in_f, requires_grad=True)
-    y = layer(x)
-    grad_y = torch.randn_like(y)
-    y.backward(grad_y)
-    y_ref, gx_ref, gb_ref = dense_reference(layer, x, grad_y)
-    torch.testing.assert_close(y, y_ref, **FP32)
-    torch.testing.assert_close(x.grad, gx_ref, **FP32)
-    torch.testing.assert_close(layer.blocks.grad, gb_ref, **FP32)
+    assert_matches_dense_fp32(layer, x, layer(x))
     assert layer.weight.grad is None and (layer.bias is None or layer.bias.grad is None)
 
 
@@ -171,13 +175,7 @@ def test_torch_compile_matches_eager():
     layer = random_layer(32, 48, 16, 4)
     x = torch.randn(2, 5, 48, requires_grad=True)
     compiled = torch.compile(layer, fullgraph=True)
-    y = compiled(x)
-    grad_y = torch.randn_like(y)
-    y.backward(grad_y)
-    y_ref, gx_ref, gb_ref = dense_reference(layer, x, grad_y)
-    torch.testing.assert_close(y, y_ref, **FP32)
-    torch.testing.assert_close(x.grad, gx_ref, **FP32)
-    torch.testing.assert_close(layer.blocks.grad, gb_ref, **FP32)
+    assert_matches_dense_fp32(layer, x, compiled(x))
 
 
 def test_block_size_that_does_not_divide_is_a_clear_error():

@@ -10,6 +10,15 @@ from __future__ import annotations
 import torch
 
 
+def weight_shape(weight: torch.Tensor) -> torch.Size:
+    """A weight's full shape, also when an engine holds only a partition of it.
+
+    DeepSpeed ZeRO-3 leaves an empty ``weight`` and records the real shape as ``ds_shape``; an
+    FSDP2 ``DTensor`` reports its global shape itself.
+    """
+    return torch.Size(getattr(weight, "ds_shape", weight.shape))
+
+
 def block_grid(shape: tuple[int, ...] | torch.Size, block_size: int, *, name: str) -> tuple[int, int]:
     """Number of row- and column-blocks of a 2-D weight, or a ``ValueError`` naming the module."""
     if len(shape) != 2:

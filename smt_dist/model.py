@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from smt_dist.blocks import block_grid
+from smt_dist.blocks import block_grid, weight_shape
 from smt_dist.config import SMTConfig, name_matches
 from smt_dist.layer import SparseLinear
 from smt_dist.selection import BlockSelection
@@ -35,7 +35,7 @@ def find_targets(model: nn.Module, config: SMTConfig) -> dict[str, nn.Linear]:
             f"this model's linears include: {example}."
         )
     for name, linear in targets.items():
-        block_grid(linear.weight.shape, config.block_size, name=name)
+        block_grid(weight_shape(linear.weight), config.block_size, name=name)
     return targets
 
 

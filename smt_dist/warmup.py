@@ -1,9 +1,9 @@
 """The warm-up phase: score every block of every target over a few micro-batches.
 
-Runs forward and backward with only the target weights requiring gradients, reduces each weight
-gradient to block sums as soon as autograd produces it (see ``smt_dist.scoring``), and, in a
-distributed job, sums those small grids over the data-parallel group so every rank ends with the
-same scores. No optimizer exists and no dense gradient outlives its layer.
+Runs forward and backward with every parameter frozen; each target's block statistic is computed
+inside its own backward (see ``smt_dist.scoring``), so no weight gradient and no optimizer state
+ever exists, and the model may be partitioned by an engine that gathers each layer's weights for
+its forward and backward. Summing across data-parallel ranks is the caller's ``reduce``.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from smt_dist.config import SMTConfig
-from smt_dist.distributed import sum_across_ranks
 from smt_dist.model import find_targets
-from smt_dist.scoring import BlockScoreCollector, finalize_scores
+from smt_dist.scoring import BlockScoreProbes, finalize_scores
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
+Reduce = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
 def collect_block_scores(
@@ -28,43 +28,41 @@ def collect_block_scores(
     config: SMTConfig,
     *,
     loss_fn: LossFn | None = None,
-    group: Any = None,
+    reduce: Reduce | None = None,
+    after_backward: Callable[[], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Score every block of every target over ``config.warmup_steps`` micro-batches.
 
     Args:
-        model: The model, not yet converted by ``apply_smt``.
+        model: The model, not yet converted by ``apply_smt``; its weights may be partitioned.
         batches: Micro-batches; the first ``config.warmup_steps`` are used.
         config: Targets, block size, score type and warm-up length.
         loss_fn: ``loss_fn(model, batch) -> loss``. Default: ``model(**batch).loss`` for dict
             batches (Hugging Face causal LMs with ``labels``).
-        group: Data-parallel process group whose ranks' scores are summed (default: world).
+        reduce: Applied to the per-block sums before they become scores; in a data-parallel job,
+            ``smt_dist.distributed.sum_across_ranks``, so every rank ends with the same scores.
+        after_backward: Called after each micro-batch's backward (an engine's clean-up).
 
     Returns:
-        Module name to an fp32 ``[out/l, in/l]`` score tensor, identical on every rank.
+        Module name to an fp32 ``[out/l, in/l]`` score tensor on the CPU.
     """
     targets = find_targets(model, config)
-    flags = {param: param.requires_grad for param in model.parameters()}
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for linear in targets.values():
-        linear.weight.requires_grad_(True)
     steps = 0
-    try:
-        with BlockScoreCollector(targets, block_size=config.block_size, score=config.score) as collector:
-            for batch in batches:
-                if steps == config.warmup_steps:
-                    break
-                _loss(model, batch, loss_fn).backward()
-                steps += 1
-    finally:
-        for param, flag in flags.items():
-            param.requires_grad_(flag)
+    with BlockScoreProbes(model, targets, block_size=config.block_size, score=config.score) as probes:
+        for batch in batches:
+            if steps == config.warmup_steps:
+                break
+            _loss(model, batch, loss_fn).backward()
+            if after_backward is not None:
+                after_backward()
+            steps += 1
     if steps < config.warmup_steps:
         raise ValueError(
             f"The warm-up needs {config.warmup_steps} micro-batches but the data gave only {steps}."
         )
-    return finalize_scores(sum_across_ranks(collector.sums, group=group), config.score)
+    sums = reduce(probes.sums) if reduce is not None else probes.sums
+    scores = finalize_scores(sums, config.score, config.block_size)
+    return {name: score.cpu() for name, score in scores.items()}
 
 
 def _loss(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> torch.Tensor:

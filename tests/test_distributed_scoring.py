@@ -11,6 +11,7 @@ from distributed_utils import run_on_ranks
 
 from smt_dist import SMTConfig, collect_block_scores, select_blocks
 from smt_dist.distributed import check_same_selection
+from smt_dist.pipeline import choose_blocks
 
 # Each rank sums its own micro-batches, then one all-reduce sums the ranks: the same fp32 terms
 # added in another order as the single-process run, so 1e-5 relative.
@@ -20,9 +21,7 @@ TOL = dict(rtol=1e-5, atol=1e-8)
 def _score_on_rank(rank, world_size, score, out_dir):
     config = SMTConfig(block_size=16, num_blocks=5, warmup_steps=2, score=score, target_modules=("*_proj",))
     batches = lm_batches(4)[rank * 2 : rank * 2 + 2]
-    scores = collect_block_scores(tiny_causal_lm(), batches, config)
-    selection = select_blocks(scores, config)
-    check_same_selection(selection)
+    selection, scores = choose_blocks(tiny_causal_lm(), batches, config)
     torch.save({"scores": scores, "digest": selection.digest()}, f"{out_dir}/rank{rank}.pt")
 
 

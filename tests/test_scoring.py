@@ -7,8 +7,10 @@ import copy
 import pytest
 import torch
 from conftest import lm_batches, tiny_causal_lm
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from smt_dist import SMTConfig, collect_block_scores, find_targets, select_blocks
+from smt_dist.scoring import BlockScoreProbes, finalize_scores
 
 # Scores are sums of a few fp32 means; the two sides reduce in different orders: 1e-5 relative.
 TOL = dict(rtol=1e-5, atol=1e-8)
@@ -51,22 +53,65 @@ def test_scores_match_dense_reference(score):
         torch.testing.assert_close(scores[name], expected, **TOL)
 
 
-def test_warmup_keeps_no_gradient_and_restores_flags():
+class _WeightShapedProducts(TorchDispatchMode):
+    """Records every matrix product whose result has the shape of a target weight."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        self.shapes = shapes
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        products = (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm)
+        if func.overloadpacket in products and tuple(out.shape[-2:]) in self.shapes:
+            self.seen.append((str(func), tuple(out.shape)))
+        return out
+
+
+@pytest.mark.parametrize("score", ["mean_abs", "abs_mean"])
+def test_warmup_creates_no_weight_gradient_and_restores_flags(score):
     model = tiny_causal_lm("llama")
     model.model.embed_tokens.weight.requires_grad_(False)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    config = SMTConfig(block_size=16, num_blocks=2, warmup_steps=2)
-    seen = []
-    for linear in find_targets(model, config).values():
-        # Runs before the collector's hook: only this weight's own fresh gradient may be alive,
-        # never an earlier layer's.
-        linear.weight.register_post_accumulate_grad_hook(
-            lambda _: seen.append(sum(p.grad is not None for p in model.parameters()))
+    config = SMTConfig(block_size=16, num_blocks=2, warmup_steps=2, score=score, target_modules=("*_proj",))
+    targets = find_targets(model, config)
+    trainable_during = []
+    for linear in targets.values():
+        linear.register_forward_hook(
+            lambda *_: trainable_during.append(sum(p.requires_grad for p in model.parameters()))
         )
-    collect_block_scores(model, lm_batches(2), config)
+    # A dense weight gradient would be a matrix product shaped like its weight; 2 x 12 tokens
+    # match no weight dimension, so only such a gradient could produce one.
+    shapes = {tuple(t.weight.shape) for t in targets.values()}
+    with _WeightShapedProducts(shapes) as products:
+        collect_block_scores(model, lm_batches(2, batch=2, seq=12), config)
+    assert products.seen == []
+    assert trainable_during and max(trainable_during) == 0
     assert all(p.grad is None for p in model.parameters())
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
-    assert seen and max(seen) == 1
+
+
+def test_the_weight_shape_check_can_fail():
+    """The counting mode above sees a dense weight gradient when one is computed."""
+    model = tiny_causal_lm("llama")
+    shapes = {tuple(model.model.layers[0].self_attn.q_proj.weight.shape)}
+    with _WeightShapedProducts(shapes) as products:
+        model(**lm_batches(1, batch=2, seq=12)[0]).loss.backward()
+    assert products.seen
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``scale`` (per output feature) in backward."""
+
+    @staticmethod
+    def forward(ctx, y, scale):
+        ctx.scale = scale
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
 
 
 PLANTED = [
@@ -78,18 +123,38 @@ PLANTED = [
 
 @pytest.mark.parametrize("score", ["mean_abs", "abs_mean"])
 def test_scoring_and_selection_find_planted_blocks(score):
+    """Plant ``G[r, c]`` a million times larger and nothing else: the warm-up must find it.
+
+    ``G = dY^T X``. The input's column-block c is scaled by 1000 and the weight's columns divided
+    by 1000 (the output is unchanged); the output gradient's row-block r is scaled by 1000 where
+    the probe reads it and unscaled before it flows on. Nothing upstream or downstream changes,
+    so block (r, c) grows 10^6-fold and its row and column neighbours 10^3-fold.
+    """
     model = tiny_causal_lm("llama")
-    l = 16
+    l, s = 16, 1000.0
     config = SMTConfig(
         block_size=l, num_blocks=len(PLANTED), warmup_steps=2, score=score, target_modules=("*_proj",)
     )
     modules = dict(model.named_modules())
+    scales = {}
     for name, row, col in PLANTED:
-        weight = modules[name].weight
-        plant = torch.zeros_like(weight)
-        plant[row * l : (row + 1) * l, col * l : (col + 1) * l] = 100.0
-        weight.register_hook(lambda grad, plant=plant: grad + plant)
-    selection = select_blocks(collect_block_scores(model, lm_batches(2), config), config)
+        module = modules[name]
+        x_scale = torch.ones(module.in_features)
+        x_scale[col * l : (col + 1) * l] = s
+        g_scale = torch.ones(module.out_features)
+        g_scale[row * l : (row + 1) * l] = s
+        with torch.no_grad():
+            module.weight.div_(x_scale)
+        module.register_forward_pre_hook(lambda m, args, x_scale=x_scale: (args[0] * x_scale,))
+        module.register_forward_hook(lambda m, args, out, g=g_scale: _ScaleGrad.apply(out, 1 / g))
+        scales[name] = g_scale
+    targets = find_targets(model, config)
+    with BlockScoreProbes(model, targets, block_size=l, score=score) as probes:
+        for name, g_scale in scales.items():  # after the probe's hook: runs first in backward
+            modules[name].register_forward_hook(lambda m, args, out, g=g_scale: _ScaleGrad.apply(out, g))
+        for batch in lm_batches(2):
+            model(**batch).loss.backward()
+    selection = select_blocks(finalize_scores(probes.sums, score, l), config)
     found = sorted((name, *map(int, rc)) for name, index in selection.blocks.items() for rc in index)
     assert found == sorted(PLANTED)
 

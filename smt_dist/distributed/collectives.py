@@ -13,6 +13,13 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def comm_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where a tensor must be for a collective of the group: the current GPU under NCCL."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def sum_across_ranks(
     tensors: dict[str, torch.Tensor], *, group: dist.ProcessGroup | None = None
 ) -> dict[str, torch.Tensor]:
@@ -20,12 +27,12 @@ def sum_across_ranks(
     if not is_distributed() or not tensors:
         return tensors
     names = sorted(tensors)
-    flat = torch.cat([tensors[name].reshape(-1) for name in names])
+    flat = torch.cat([tensors[name].reshape(-1).to(comm_device(group)) for name in names])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     out, offset = {}, 0
     for name in names:
         numel = tensors[name].numel()
-        out[name] = flat[offset : offset + numel].view_as(tensors[name])
+        out[name] = flat[offset : offset + numel].view_as(tensors[name]).to(tensors[name].device)
         offset += numel
     return out
 

@@ -19,7 +19,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from smt_dist.blocks import weight_shape
+from smt_dist.checkpoint_files import SafetensorsCheckpoint
 from smt_dist.config import SMTConfig
+from smt_dist.distributed.params import full_value, read_elements
 from smt_dist.io import atomic_directory, write_json
 from smt_dist.layer import SparseLinear
 from smt_dist.model import apply_smt, selection_of, smt_modules
@@ -36,15 +39,36 @@ _SAMPLE_ATOL = 1e-4
 
 
 def base_fingerprint(model: nn.Module, names: list[str]) -> dict[str, dict[str, Any]]:
-    """Shape and a few deterministic weight samples of each named base linear."""
+    """Shape and a few deterministic weight samples of each named base linear.
+
+    Reads only the sampled elements, also from weights partitioned across ranks (then it is a
+    collective call: every rank calls it with the same names).
+    """
     prints = {}
     for name in names:
         weight = _base_weight(model, name)
-        generator = torch.Generator().manual_seed(0)
-        positions = torch.randint(weight.numel(), (_SAMPLES_PER_MODULE,), generator=generator)
-        samples = weight.detach().reshape(-1)[positions.to(weight.device)].float().cpu()
-        prints[name] = {"shape": list(weight.shape), "samples": samples.tolist()}
+        shape = weight_shape(weight)
+        samples = read_elements(weight, _sample_positions(shape))
+        prints[name] = {"shape": list(shape), "samples": samples.tolist()}
     return prints
+
+
+def checkpoint_fingerprint(checkpoint: SafetensorsCheckpoint, names: list[str]) -> dict[str, dict[str, Any]]:
+    """``base_fingerprint`` of a base read from its safetensors files (a few elements each)."""
+    prints = {}
+    for name in names:
+        key = f"{name}.weight"
+        if key not in checkpoint:
+            raise ValueError(f"{checkpoint.directory} holds no weight '{key}'.")
+        shape = torch.Size(checkpoint.shapes[key])
+        samples = checkpoint.read_elements(key, _sample_positions(shape))
+        prints[name] = {"shape": list(shape), "samples": samples.tolist()}
+    return prints
+
+
+def _sample_positions(shape: torch.Size) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(shape.numel(), (_SAMPLES_PER_MODULE,), generator=generator)
 
 
 def save_smt_adapter(
@@ -56,8 +80,9 @@ def save_smt_adapter(
 ) -> Path:
     """Write the model's SMT blocks as an adapter directory, atomically. Returns the path.
 
-    ``fingerprint`` (from ``base_fingerprint`` before training) spares reading the base weights
-    again, which under ZeRO-3 are partitioned across ranks.
+    Call it on every rank when the blocks are partitioned (ZeRO-3, FSDP2): only the blocks are
+    gathered, never the base, and rank 0 writes. ``fingerprint`` (from ``base_fingerprint``)
+    spares reading the base weights again.
     """
     config = config or getattr(model, "smt_config", None)
     if config is None:
@@ -66,15 +91,18 @@ def save_smt_adapter(
     selection = selection_of(model)
     tensors = {}
     for name, layer in modules.items():
-        tensors[f"{name}.blocks"] = layer.blocks.detach().cpu().contiguous()
+        tensors[f"{name}.blocks"] = full_value(layer.blocks).contiguous()
         tensors[f"{name}.block_index"] = layer.block_index.detach().cpu().contiguous()
+    fingerprint = fingerprint or base_fingerprint(model, sorted(modules))
+    if _rank() != 0:
+        return Path(path)
     meta = {
         "format": FORMAT,
         "config": config.to_dict(),
         "block_size": selection.block_size,
         "num_blocks": selection.num_blocks,
         "modules": {name: {"num_blocks": layer.num_blocks} for name, layer in modules.items()},
-        "base_fingerprint": fingerprint or base_fingerprint(model, sorted(modules)),
+        "base_fingerprint": fingerprint,
     }
     with atomic_directory(path) as staging:
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": FORMAT})
@@ -153,17 +181,20 @@ def _check_base(model: nn.Module, fingerprint: dict[str, Any], path: str | os.Pa
             _base_weight(model, name)
         except ValueError as err:
             raise ValueError(f"The adapter at {path} targets '{name}': {err}") from err
-    here = base_fingerprint(model, names)
-    for name in names:
-        expected, found = fingerprint[name], here[name]
-        if found["shape"] != expected["shape"]:
+    check_fingerprint(fingerprint, base_fingerprint(model, names), path)
+
+
+def check_fingerprint(expected: dict[str, Any], found: dict[str, Any], path: str | os.PathLike) -> None:
+    """Raise ``ValueError`` unless a base's fingerprint matches the one the adapter recorded."""
+    for name in sorted(expected):
+        if found[name]["shape"] != expected[name]["shape"]:
             raise ValueError(
                 f"The adapter at {path} was trained on another base: '{name}' is "
-                f"{tuple(found['shape'])} here but {tuple(expected['shape'])} in the adapter."
+                f"{tuple(found[name]['shape'])} here but {tuple(expected[name]['shape'])} in the adapter."
             )
         if not torch.allclose(
-            torch.tensor(found["samples"]),
-            torch.tensor(expected["samples"]),
+            torch.tensor(found[name]["samples"]),
+            torch.tensor(expected[name]["samples"]),
             rtol=_SAMPLE_RTOL,
             atol=_SAMPLE_ATOL,
         ):
@@ -190,3 +221,7 @@ def _row_order(layer: SparseLinear, stored_index: torch.Tensor) -> torch.Tensor:
     position = {key: i for i, key in enumerate(stored)}
     here = (layer.block_index[:, 0] * n_cols + layer.block_index[:, 1]).cpu().tolist()
     return torch.tensor([position[key] for key in here])
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smt_dist.blocks import block_grid, scatter_blocks
+from smt_dist.blocks import block_grid, scatter_blocks, weight_shape
 
 
 class _SparseBlockLinear(torch.autograd.Function):
@@ -151,10 +151,10 @@ class SparseLinear(nn.Module):
         return layer
 
     def _init_blocks(self, block_index: torch.Tensor, blocks_dtype: torch.dtype) -> None:
-        n_rows, n_cols = block_grid(self.weight.shape, self.block_size, name=self.name)
-        index = _checked_index(block_index, n_rows, n_cols, name=self.name)
+        index = self.check_index(block_index, weight_shape(self.weight), self.block_size, name=self.name)
         device = self.weight.device
-        self.register_buffer("block_index", index.to(device))
+        # A model built on the meta device (to be sharded, then loaded) still needs real indices.
+        self.register_buffer("block_index", index.to("cpu" if device.type == "meta" else device))
         self.blocks = nn.Parameter(
             torch.zeros(len(index), self.block_size, self.block_size, device=device, dtype=blocks_dtype)
         )
@@ -172,6 +172,18 @@ class SparseLinear(nn.Module):
         # Blocks are stored column-major, so with one block per column-block the saved columns
         # already line up with the blocks and need no second gather.
         self._cols_distinct = len(saved_cols) == len(index)
+
+    @staticmethod
+    def check_index(
+        block_index: torch.Tensor, shape: tuple[int, int] | torch.Size, block_size: int, *, name: str
+    ) -> torch.Tensor:
+        """Validate block coordinates for a weight of ``shape``; return them in the layer's order.
+
+        Raises ``ValueError`` naming the module for a block outside the grid, a repeated block or a
+        block size that does not divide the weight.
+        """
+        n_rows, n_cols = block_grid(shape, block_size, name=name)
+        return _checked_index(block_index, n_rows, n_cols, name=name)
 
     @property
     def num_blocks(self) -> int:

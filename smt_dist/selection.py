@@ -56,6 +56,46 @@ class BlockSelection:
             h.update(self.blocks[name].contiguous().numpy().tobytes())
         return h.hexdigest()
 
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready form that :meth:`from_dict` reads back into an equal selection."""
+        return {
+            "block_size": self.block_size,
+            "blocks": {name: index.tolist() for name, index in self.blocks.items()},
+            "digest": self.digest(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: object, *, source: str) -> BlockSelection:
+        """Read :meth:`to_dict` output; every malformed field is a ``ValueError`` naming ``source``."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source} must hold a JSON object with block_size and blocks.")
+        block_size, blocks = data.get("block_size"), data.get("blocks")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"{source}: block_size must be a positive integer, got {block_size!r}.")
+        if not isinstance(blocks, dict) or not blocks:
+            raise ValueError(f"{source}: blocks must map module names to lists of [row, column] pairs.")
+        parsed = {}
+        for name, index in blocks.items():
+            if (
+                not isinstance(index, list)
+                or not index
+                or not all(
+                    isinstance(pair, list)
+                    and len(pair) == 2
+                    and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pair)
+                    for pair in index
+                )
+            ):
+                raise ValueError(
+                    f"{source}: blocks of '{name}' must be a non-empty list of [row, column] pairs of "
+                    "non-negative integers."
+                )
+            parsed[name] = torch.tensor(index, dtype=torch.int64)
+        selection = cls(block_size=block_size, blocks=parsed)
+        if "digest" in data and data["digest"] != selection.digest():
+            raise ValueError(f"{source}: the digest does not match its blocks; the file was altered.")
+        return selection
+
     def summary(self, config: SMTConfig) -> dict[str, dict[str, int]]:
         """Block counts per module type (last name component), per layer and per group."""
         by_type: Counter[str] = Counter()

@@ -1,26 +1,31 @@
 #!/usr/bin/env python
-"""Fine-tune a causal LM with Sparse Matrix Tuning on DeepSpeed: warm-up, selection, training.
+"""Fine-tune a causal LM with Sparse Matrix Tuning: warm-up, selection, training, adapter, merge.
 
     deepspeed --num_gpus 2 launch/train.py --deepspeed configs/zero2_smt.json
-    torchrun --nproc_per_node 2 launch/train.py --deepspeed configs/zero2_smt.json
-    mpirun -n 2 python launch/train.py --deepspeed configs/zero2_smt.json
+    torchrun --nproc_per_node 2 launch/train.py --deepspeed configs/zero3_smt.json
+    torchrun --nproc_per_node 2 launch/train.py --backend fsdp
+    mpirun -n 2 python launch/train.py
 
-With no --model_name_or_path/--data_path it trains the embedded tiny Llama (configs/tiny-llama)
-on the embedded instruction set (data/tiny_instruct.jsonl). Phases, on every rank:
-  1. warm-up: score every block over --smt_warmup_steps micro-batches (no optimizer; scores are
-     summed across ranks);
-  2. selection: global top-k, identical on every rank (checked), then SparseLinear swapped in;
-  3. training over the blocks only, checkpoints every --save_steps, and at the end the adapter
-     (and with --merge a merged Hugging Face checkpoint). With --deepspeed a DeepSpeed engine
-     steps (ZeRO 0-3, offload); without it plain torch with BlockShardedAdamW, which shards the
-     blocks' optimizer state and exchanges only their gradients (torchrun, mpirun).
-Bad input stops the job with one sentence and exit code 1 before anything is written.
+With no --model_name_or_path/--data_path it trains the embedded tiny Llama (models/tiny-llama) on
+the embedded instruction set (data/tiny_instruct.jsonl). The recipe, on every rank:
+
+  1. check every input, before any process group or file exists;
+  2. load the base as the engine keeps it (ZeRO-3 and FSDP2: partitioned as it is read);
+  3. warm up: score every block inside each target's backward, sum the scores across ranks,
+     select, and check that every rank selected the same blocks (or read --smt_selection);
+  4. build: SparseLinear swapped in, the engine created (a checkpoint restored with --resume);
+  5. train over the blocks only, with checkpoints every --save_steps;
+  6. save the adapter (only the blocks are gathered) and, with --merge, stream a merged Hugging
+     Face checkpoint from the base's safetensors shards.
+
+No phase holds the whole frozen model on one rank under ZeRO-3 or FSDP2. Bad input stops the job
+with one sentence and exit code 1 before anything is written.
 """
 
 from __future__ import annotations
 
+import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -32,24 +37,16 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # runnable from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from smt_dist import (  # noqa: E402
-    apply_smt,
-    collect_block_scores,
-    count_parameters,
-    find_targets,
-    load_smt_adapter,
-    merge_smt,
-    save_smt_adapter,
-    select_blocks,
-)
-from smt_dist.adapter import base_fingerprint  # noqa: E402
-from smt_dist.distributed import check_same_selection  # noqa: E402
-from smt_dist.distributed.launch import init_process_group  # noqa: E402
-from smt_dist.io import atomic_directory, write_json  # noqa: E402
-from smt_dist.model import selection_of  # noqa: E402
+from smt_dist import BlockSelection, find_targets, save_smt_adapter  # noqa: E402
+from smt_dist.adapter import base_fingerprint, check_fingerprint, read_smt_adapter  # noqa: E402
+from smt_dist.checkpoint_files import SafetensorsCheckpoint  # noqa: E402
+from smt_dist.io import write_json  # noqa: E402
+from smt_dist.merge import merge_checkpoint  # noqa: E402
+from smt_dist.model import count_parameters  # noqa: E402
+from smt_dist.pipeline import choose_blocks  # noqa: E402
 from smt_dist.selection import budget_in_blocks, check_budget_fits  # noqa: E402
 from smt_dist.training.arguments import TrainArguments, parse_args  # noqa: E402
-from smt_dist.training.backends import DeepSpeedBackend, FsdpBackend, TorchBackend  # noqa: E402
+from smt_dist.training.backends import backend_class  # noqa: E402
 from smt_dist.training.checkpoint import (  # noqa: E402
     checkpoints,
     find_checkpoint,
@@ -58,29 +55,36 @@ from smt_dist.training.checkpoint import (  # noqa: E402
 )
 from smt_dist.training.data import BatchOrder, collate, read_records, tokenize_records  # noqa: E402
 from smt_dist.training.logs import JsonlLog, get_logger, rank_from_env, world_size_from_env  # noqa: E402
+from smt_dist.training.memory import PhaseMemory  # noqa: E402
 
 RUN_MARKERS = ("train_log.jsonl", "adapter", "selection.json")
+SELECTION_FORMAT = "smt_dist.selection/1"
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = parse_args(argv)
-        run = TrainingJob(args)
+        recipe = SMTRecipe(parse_args(argv))
     except (ValueError, FileNotFoundError) as err:
         # Inputs are the same on every rank, so one rank saying it is enough.
         if rank_from_env() == 0:
             print(f"train.py: error: {err}", file=sys.stderr)
         return 1
     try:
-        run.train()
+        recipe.setup()
+        recipe.select()
+        recipe.build()
+        recipe.train()
+        recipe.save()
     except (ValueError, FileNotFoundError) as err:
         print(f"train.py: error (rank {rank_from_env()}): {err}", file=sys.stderr)
         return 1
+    finally:
+        recipe.cleanup()
     return 0
 
 
-class TrainingJob:
-    """One run: ``__init__`` checks every input before a process group exists, ``train`` runs it."""
+class SMTRecipe:
+    """One run. ``__init__`` checks every input before a process group exists; the phases follow."""
 
     def __init__(self, args: TrainArguments) -> None:
         self.args = args
@@ -100,151 +104,157 @@ class TrainingJob:
                     f"{self.output_dir} already holds a run; pass --overwrite_output_dir to replace it "
                     "or --resume_from_checkpoint to continue it."
                 )
-        self.ds = self.user_ds_config = None
-        if args.deepspeed:
-            from smt_dist import deepspeed as ds
-
-            self.ds = ds
-            self.user_ds_config = ds.read_config(args.deepspeed)
-            # Checked now, with the world size the launcher announced, so a bad config writes nothing.
-            self.resolve_ds_config(self.user_ds_config, world_size_from_env())
+        self.backend_class = backend_class(args.backend)
+        # Checked now, with the world size the launcher announced, so a bad config writes nothing.
+        self.backend_class.check(args, world_size=world_size_from_env())
         self.tokenizer = load_tokenizer(args.model_dir)
         records = read_records(args.data_file)
         self.examples, self.dropped = tokenize_records(
             records, self.tokenizer, max_seq_length=args.max_seq_length
         )
-        self.model = build_model(args)
-        targets = find_targets(self.model, self.smt_config)  # checks block size against every target
+        self.given_selection = self._check_model()
+        self.memory = PhaseMemory(enabled=args.report_memory)
+        self.backend = None
+
+    def _check_model(self) -> BlockSelection | None:
+        """Check the model directory, targets, block size and budget on a weightless copy of the model.
+
+        Returns the selection of ``--smt_selection``, checked against the model, if one was given.
+        """
+        model_dir = self.args.model_dir
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{model_dir} holds no config.json.")
+        SafetensorsCheckpoint(model_dir)  # the weights exist and their index is sound
+        model = empty_model(model_dir)
+        targets = find_targets(model, self.smt_config)  # checks block size against every target
+        if self.args.smt_selection:
+            return read_selection(Path(self.args.smt_selection), model, self.smt_config)
         total_blocks = sum(t.weight.numel() for t in targets.values()) // self.smt_config.block_size**2
-        budget = budget_in_blocks(self.smt_config, total_params=count_parameters(self.model))
+        budget = budget_in_blocks(self.smt_config, total_params=count_parameters(model))
         check_budget_fits(budget, available=total_blocks, modules=len(targets))
+        return None
 
-    def resolve_ds_config(self, config: dict, world_size: int) -> dict:
-        """The DeepSpeed config for this run; raises ``ValueError`` when it contradicts the arguments."""
-        args = self.args
-        return self.ds.resolve_config(
-            config,
-            micro_batch_size=args.per_device_train_batch_size,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            world_size=world_size,
-            max_grad_norm=args.max_grad_norm,
-            bf16=args.bf16,
-        )
+    # ---- 1. process group, data order, backend --------------------------------------------------
 
-    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        """The padded micro-batch of the given example indices, on this rank's device."""
-        batch = collate([self.examples[i] for i in indices], pad_token_id=self.tokenizer.pad_token_id)
-        return {name: tensor.to(self.device) for name, tensor in batch.items()}
-
-    def train(self) -> None:
+    def setup(self) -> None:
         args, log = self.args, get_logger()
-        if self.ds:
-            self.ds.init_distributed()
-        else:
-            init_process_group()
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        # Warm-up and training run on this rank's accelerator; the model was built on the CPU.
-        self.device = (
-            torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            if torch.cuda.is_available()
-            else torch.device("cpu")
+        self.backend = self.backend_class(args, smt_config=self.smt_config)
+        self.backend.init_process_group()
+        self.rank = torch.distributed.get_rank()
+        self.world = torch.distributed.get_world_size()
+        self.order = BatchOrder(
+            len(self.examples), args.per_device_train_batch_size, self.rank, self.world, args.seed
         )
-        self.model.to(self.device)
-        ds_config = self.resolve_ds_config(self.user_ds_config, world) if self.ds else None
-        order = BatchOrder(len(self.examples), args.per_device_train_batch_size, rank, world, args.seed)
-        if order.batches_per_epoch < 1:
+        if self.order.batches_per_epoch < 1:
             raise ValueError(
                 f"{len(self.examples)} examples cannot fill one micro-batch of "
-                f"{args.per_device_train_batch_size} on each of {world} ranks."
+                f"{args.per_device_train_batch_size} on each of {self.world} ranks."
             )
-        total_steps = (
+        self.total_steps = (
             args.max_steps
             if args.max_steps > 0
-            else math.ceil(args.num_train_epochs * order.batches_per_epoch / args.gradient_accumulation_steps)
+            else math.ceil(
+                args.num_train_epochs * self.order.batches_per_epoch / args.gradient_accumulation_steps
+            )
         )
-        if rank == 0:
+        if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             if args.overwrite_output_dir and not self.resume:
                 for old in checkpoints(self.output_dir):
                     shutil.rmtree(old)
         log.info(
-            "%d examples (%d dropped: prompt longer than max_seq_length), %d ranks, %s, %d steps",
+            "%d examples (%d dropped: prompt longer than max_seq_length), %d ranks, backend %s, %d steps",
             len(self.examples),
             self.dropped,
-            world,
-            f"DeepSpeed ZeRO stage {self.ds.zero_stage(ds_config)}" if self.ds else f"backend {args.backend}",
-            total_steps,
+            self.world,
+            self.backend.name,
+            self.total_steps,
         )
-        # Phases 1 and 2: warm-up scoring and selection, or the selection of the checkpoint.
-        model = self.model
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """The padded micro-batch of the given example indices, on this rank's device."""
+        batch = collate([self.examples[i] for i in indices], pad_token_id=self.tokenizer.pad_token_id)
+        return {name: tensor.to(self.backend.device) for name, tensor in batch.items()}
+
+    # ---- 2-3. load, warm up, select -------------------------------------------------------------
+
+    def select(self) -> None:
+        log = get_logger()
         if self.resume:
-            load_smt_adapter(model, self.resume / "adapter")
+            self.selection = adapter_selection(self.resume / "adapter")
             log.info("resuming from %s", self.resume)
+        elif self.given_selection is not None:
+            self.selection = self.given_selection
+            log.info("training the blocks of %s; no warm-up", self.args.smt_selection)
         else:
-            warmup = (self.batch(indices) for _, indices in order.stream(0))
-            start = time.perf_counter()
-            scores = collect_block_scores(model, warmup, self.smt_config)
-            selection = select_blocks(scores, self.smt_config, total_params=count_parameters(model))
-            log.info(
-                "warm-up: %d micro-batches per rank in %.1fs",
-                args.smt_warmup_steps,
-                time.perf_counter() - start,
-            )
-            apply_smt(model, selection, self.smt_config)
-        selection = selection_of(model)
-        # Taken now, while every rank still holds whole base weights (ZeRO-3 partitions them later).
-        fingerprint = base_fingerprint(model, sorted(selection.blocks))
-        check_same_selection(selection)
-        summary = selection_summary(selection, self.smt_config, count_parameters(model))
-        log.info("selection: %s", summary)
-        if rank == 0:
-            write_json(self.output_dir / "selection.json", summary)
+            with self.memory.phase("load"):
+                self.backend.load_base()
+            with self.memory.phase("warmup"):
+                start = time.perf_counter()
+                warmup = (self.batch(indices) for _, indices in self.order.stream(0))
+                with self.backend.warmup() as after_backward:
+                    self.selection, scores = choose_blocks(
+                        self.backend.module, warmup, self.smt_config, after_backward=after_backward
+                    )
+                log.info(
+                    "warm-up: %d micro-batches per rank in %.1fs",
+                    self.args.smt_warmup_steps,
+                    time.perf_counter() - start,
+                )
+                total_params = count_parameters(self.backend.module)
+            if self.rank == 0:
+                write_selection(self.output_dir, self.selection, scores, self.smt_config, total_params)
+        log.info("selection: %s", self.selection.summary(self.smt_config))
 
-        # Phase 3: SMT training over the blocks only.
-        schedule = lr_lambda(args, total_steps)
-        if self.ds:
-            backend = DeepSpeedBackend(model, lr_lambda=schedule, args=args, ds_config=ds_config)
-        elif args.backend == "fsdp":
-            backend = FsdpBackend(model, lr_lambda=schedule, args=args, cpu_offload=args.fsdp_cpu_offload)
-        else:
-            backend = TorchBackend(model, lr_lambda=schedule, args=args)
-        start_step = 0
+    # ---- 4. build the training engine -----------------------------------------------------------
+
+    def build(self) -> None:
+        with self.memory.phase("build"):
+            self.backend.build(self.selection, lr_lambda=lr_lambda(self.args, self.total_steps))
+            self.fingerprint = base_fingerprint(self.backend.module, sorted(self.selection.blocks))
+        self.start_step = 0
         if self.resume:
-            start_step = load_checkpoint(backend, self.resume)["global_step"]
+            meta, _ = read_smt_adapter(self.resume / "adapter")
+            check_fingerprint(meta["base_fingerprint"], self.fingerprint, self.resume / "adapter")
+            self.start_step = load_checkpoint(self.backend, self.resume)["global_step"]
         else:
-            torch.manual_seed(args.seed + rank)  # dropout and anything else stochastic in training
+            torch.manual_seed(self.args.seed + self.rank)  # dropout and anything else stochastic
+
+    # ---- 5. train --------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        args, backend = self.args, self.backend
         train_log = JsonlLog(
-            self.output_dir / "train_log.jsonl", resume_step=start_step if self.resume else None
+            self.output_dir / "train_log.jsonl", resume_step=self.start_step if self.resume else None
         )
-        stream = order.stream(start_step * args.gradient_accumulation_steps)
-
-        def write_adapter(path: Path) -> None:
-            with backend.gathered(backend.blocks):
-                if rank == 0:
-                    save_smt_adapter(backend.module, path, config=self.smt_config, fingerprint=fingerprint)
-
-        progress = make_progress(total_steps, start_step, disabled=args.disable_tqdm or rank != 0)
-        for step in range(start_step + 1, total_steps + 1):
-            began = time.perf_counter()
-            losses, tokens, epoch = [], 0, 0
-            for _ in range(args.gradient_accumulation_steps):
-                epoch, indices = next(stream)
-                batch = self.batch(indices)
-                loss = backend.loss(batch)
-                backend.backward(loss)
-                backend.step()
-                losses.append(loss.detach().float())
-                tokens += int(batch["attention_mask"].sum())
-            stats = torch.tensor([torch.stack(losses).mean().item(), float(tokens)], dtype=torch.float64)
-            torch.distributed.all_reduce(stats)
+        stream = self.order.stream(self.start_step * args.gradient_accumulation_steps)
+        progress = make_progress(
+            self.total_steps, self.start_step, disabled=args.disable_tqdm or self.rank != 0
+        )
+        for step in range(self.start_step + 1, self.total_steps + 1):
+            with self.memory.phase("train"):
+                began = time.perf_counter()
+                losses, tokens, epoch = [], 0, 0
+                for _ in range(args.gradient_accumulation_steps):
+                    epoch, indices = next(stream)
+                    batch = self.batch(indices)
+                    loss = backend.loss(batch)
+                    backend.backward(loss)
+                    backend.step()
+                    losses.append(loss.detach().float())
+                    tokens += int(batch["attention_mask"].sum())
+                stats = torch.tensor([torch.stack(losses).mean().item(), float(tokens)], dtype=torch.float64)
+                stats = stats.to(backend.device)
+                torch.distributed.all_reduce(stats)
+                stats = stats.cpu()
             record = {
                 "step": step,
                 "epoch": epoch,
-                "loss": stats[0].item() / world,
+                "loss": stats[0].item() / self.world,
                 "learning_rate": backend.learning_rate(),
                 "tokens_per_second": stats[1].item() / (time.perf_counter() - began),
             }
-            if step % args.logging_steps == 0 or step == total_steps:
+            if step % args.logging_steps == 0 or step == self.total_steps:
                 train_log.write(record)
             progress.update(1)
             progress.set_postfix(
@@ -253,36 +263,60 @@ class TrainingJob:
                 tok_s=f"{record['tokens_per_second']:.0f}",
             )
             if args.save_steps and step % args.save_steps == 0:
-                state = {
-                    "global_step": step,
-                    "epoch": epoch,
-                    "selection_digest": selection.digest(),
-                    "args": args.to_dict(),
-                }
-                save_checkpoint(
-                    backend,
-                    self.output_dir,
-                    step=step,
-                    state=state,
-                    write_adapter=write_adapter,
-                    keep=args.save_total_limit,
-                )
+                with self.memory.phase("save"):
+                    state = {
+                        "global_step": step,
+                        "epoch": epoch,
+                        "selection_digest": self.selection.digest(),
+                        "args": args.to_dict(),
+                    }
+                    save_checkpoint(
+                        backend,
+                        self.output_dir,
+                        step=step,
+                        state=state,
+                        write_adapter=self.write_adapter,
+                        keep=args.save_total_limit,
+                    )
         progress.close()
 
-        write_adapter(self.output_dir / "adapter")
+    def write_adapter(self, path: Path) -> None:
+        """The adapter, from the blocks alone (gathered where partitioned; rank 0 writes)."""
+        save_smt_adapter(self.backend.module, path, config=self.smt_config, fingerprint=self.fingerprint)
+
+    # ---- 6. save and merge -----------------------------------------------------------------------
+
+    def save(self) -> None:
+        with self.memory.phase("save"):
+            self.write_adapter(self.output_dir / "adapter")
         torch.distributed.barrier()
-        if args.merge and rank == 0:
-            merged = load_smt_adapter(build_model(args), self.output_dir / "adapter")
-            merge_smt(merged)
-            with atomic_directory(self.output_dir / "merged") as staging:
-                merged.save_pretrained(staging, safe_serialization=True)
-                self.tokenizer.save_pretrained(staging)
-        torch.distributed.barrier()
-        log.info(
+        if self.args.merge:
+            with self.memory.phase("merge"):
+                if self.rank == 0:
+                    merge_checkpoint(
+                        self.args.model_dir,
+                        self.output_dir / "adapter",
+                        self.output_dir / "merged",
+                        dtype=self.backend.dtype,
+                    )
+                torch.distributed.barrier()
+        if self.args.report_memory:
+            self.write_memory_report()
+        get_logger().info(
             "done: adapter in %s%s",
             self.output_dir / "adapter",
-            " and merged model in merged/" if args.merge else "",
+            " and merged model in merged/" if self.args.merge else "",
         )
+
+    def write_memory_report(self) -> None:
+        """``memory.json``: every rank's peak MiB per phase."""
+        reports: list[dict | None] = [None] * self.world
+        torch.distributed.all_gather_object(reports, self.memory.report())
+        if self.rank == 0:
+            write_json(self.output_dir / "memory.json", {"ranks": reports, "backend": self.backend.name})
+
+    def cleanup(self) -> None:
+        self.memory.close()
 
 
 def load_tokenizer(model_dir: Path):
@@ -302,24 +336,75 @@ def load_tokenizer(model_dir: Path):
     return tokenizer
 
 
-def build_model(args: TrainArguments) -> torch.nn.Module:
-    """The user's pretrained model, or the embedded tiny Llama initialised from ``--seed``."""
+def empty_model(model_dir: Path) -> torch.nn.Module:
+    """The model's modules with parameters on the meta device: shapes and names, no memory."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    model_dir = args.model_dir
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} holds no config.json.")
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    if args.model_name_or_path:
-        if not any(model_dir.glob("*.safetensors")) and not any(model_dir.glob("*.bin")):
-            raise FileNotFoundError(f"{model_dir} holds no model weights (*.safetensors or *.bin).")
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(args.seed)
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype)
-    model.config.use_cache = False
-    return model
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"Cannot read the model config in {model_dir}: {err}") from err
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config)
+
+
+def read_selection(path: Path, model: torch.nn.Module, config) -> BlockSelection:
+    """``--smt_selection``: a selection.json from an earlier run, checked against this model and config."""
+    if not path.is_file():
+        raise FileNotFoundError(f"Selection file {path} does not exist.")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"Selection file {path} is not valid JSON ({err}).") from err
+    if not isinstance(data, dict) or data.get("format") != SELECTION_FORMAT:
+        raise ValueError(f"{path} is not a selection file written by this job (format {SELECTION_FORMAT}).")
+    selection = BlockSelection.from_dict(data, source=str(path))
+    if selection.block_size != config.block_size:
+        raise ValueError(
+            f"{path} selects blocks of size {selection.block_size} but --smt_block_size is {config.block_size}."
+        )
+    from smt_dist.layer import SparseLinear
+
+    for name, index in selection.blocks.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as err:
+            raise ValueError(f"{path} names module '{name}', which this model lacks.") from err
+        if not isinstance(module, torch.nn.Linear):
+            raise ValueError(f"{path} names module '{name}', which is not an nn.Linear.")
+        SparseLinear.check_index(index, module.weight.shape, config.block_size, name=name)
+    return selection
+
+
+def write_selection(
+    output_dir: Path, selection: BlockSelection, scores: dict, config, total_params: int
+) -> None:
+    """``selection.json`` (blocks, digest, summary; ``--smt_selection`` reads it) and the scores."""
+    from safetensors.torch import save_file
+
+    summary = selection.summary(config)
+    total = selection.num_blocks
+    summary["num_blocks"] = total
+    summary["trainable_parameters"] = selection.num_parameters
+    summary["trainable_percent"] = round(100 * selection.num_parameters / total_params, 4)
+    summary["share_by_type"] = {name: round(count / total, 4) for name, count in summary["by_type"].items()}
+    summary["modules"] = {name: len(index) for name, index in selection.blocks.items()}
+    data = {"format": SELECTION_FORMAT, "score": config.score, **selection.to_dict(), "summary": summary}
+    write_json(output_dir / "selection.json", data)
+    save_file(
+        {name: score.contiguous() for name, score in scores.items()},
+        str(output_dir / "block_scores.safetensors"),
+    )
+
+
+def adapter_selection(adapter_dir: Path) -> BlockSelection:
+    """The blocks an adapter (of a checkpoint) trains."""
+    meta, tensors = read_smt_adapter(adapter_dir)
+    return BlockSelection(
+        block_size=meta["block_size"],
+        blocks={name: tensors[f"{name}.block_index"] for name in meta["modules"]},
+    )
 
 
 def lr_lambda(args: TrainArguments, total_steps: int):
@@ -336,18 +421,6 @@ def lr_lambda(args: TrainArguments, total_steps: int):
         return max(0.0, 1.0 - progress)
 
     return factor
-
-
-def selection_summary(selection, config, total_params: int) -> dict:
-    """Blocks per module type, per layer and per group, and each type's share of the budget."""
-    summary = selection.summary(config)
-    total = selection.num_blocks
-    summary["num_blocks"] = total
-    summary["trainable_parameters"] = selection.num_parameters
-    summary["trainable_percent"] = round(100 * selection.num_parameters / total_params, 4)
-    summary["share_by_type"] = {name: round(count / total, 4) for name, count in summary["by_type"].items()}
-    summary["modules"] = {name: len(index) for name, index in selection.blocks.items()}
-    return summary
 
 
 def make_progress(total: int, initial: int, *, disabled: bool):

@@ -3,9 +3,9 @@
     python scripts/make_tiny_assets.py
 
 Writes ``data/tiny_instruct.jsonl`` (Alpaca layout: instruction, input, output) and
-``configs/tiny-llama/`` (config.json plus a byte-level BPE tokenizer trained on that data). No
-hub is reachable at run time, so these ship with the repo; this script shows how they were made
-and remakes them bit for bit (fixed seed).
+``models/tiny-llama/`` (a randomly initialised tiny Llama in safetensors, its config, and a
+byte-level BPE tokenizer trained on that data). No hub is reachable at run time, so these ship
+with the repo; this script shows how they were made and remakes them bit for bit (fixed seeds).
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import json
 import random
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = [
@@ -117,7 +118,7 @@ def main() -> None:
     data_file.parent.mkdir(exist_ok=True)
     data_file.write_text("".join(json.dumps(r) + "\n" for r in records))
 
-    model_dir = ROOT / "configs" / "tiny-llama"
+    model_dir = ROOT / "models" / "tiny-llama"
     model_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer([format_prompt(r) + r["output"] for r in records], vocab_size=512)
     tokenizer.save_pretrained(model_dir)
@@ -139,6 +140,8 @@ def main() -> None:
         tie_word_embeddings=False,
     )
     config.save_pretrained(model_dir)
+    torch.manual_seed(42)
+    LlamaForCausalLM(config).save_pretrained(model_dir, safe_serialization=True)
     print(f"wrote {data_file} ({len(records)} records) and {model_dir} (vocab {len(tokenizer)})")
 
 

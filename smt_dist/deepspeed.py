@@ -4,12 +4,15 @@ SMT's block parameters are the model's only trainable parameters, so a DeepSpeed
 partitions just them and their Adam states (ZeRO-1/2), reduces just their gradients, and under
 ZeRO-3 also partitions the frozen base. This module turns a user's DeepSpeed JSON into one that
 fits the run (``"auto"`` values filled from the command line, conflicts refused with one
-sentence), builds the engine, and gathers ZeRO-3 parameters when a full value is needed.
+sentence), loads a model partitioned as it is read (ZeRO-3), warms it up under the engine's own
+gathering, builds the training engine, and gathers ZeRO-3 parameters when a full value is needed.
 
 Swapping SMT into an existing DeepSpeed script takes two calls::
 
-    model = smt_dist.deepspeed.prepare(model, warmup_batches, SMTConfig(...))
-    engine, optimizer, _, scheduler = smt_dist.deepspeed.initialize(model, optimizer, scheduler, config)
+    model = smt_dist.deepspeed.prepare(model, warmup_batches, SMTConfig(...), config=ds_config)
+    engine, optimizer, _, scheduler = smt_dist.deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
 
 with either a client ``torch.optim.AdamW`` over the blocks (ZeRO 1-3 partition them) or, at
 ZeRO stage 0, ``BlockShardedAdamW``, which then owns the gradient exchange: the engine's own
@@ -21,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +39,9 @@ import deepspeed
 from deepspeed.accelerator import get_accelerator
 
 from smt_dist.config import SMTConfig
-from smt_dist.distributed import check_same_selection
-from smt_dist.model import apply_smt, count_parameters
+from smt_dist.model import apply_smt
 from smt_dist.optim import BlockShardedAdamW
-from smt_dist.selection import select_blocks
-from smt_dist.warmup import collect_block_scores
+from smt_dist.pipeline import choose_blocks
 
 
 def on_cpu() -> bool:
@@ -116,11 +117,6 @@ def resolve_config(
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}.")
-    # SMT hands DeepSpeed a client torch.optim.AdamW over the blocks; ZeRO refuses untested
-    # optimizers, and with offload_optimizer would swap in DeepSpeedCPUAdam unless told not to.
-    config["zero_allow_untested_optimizer"] = True
-    if zero.get("offload_optimizer", {}).get("device", "none") != "none":
-        config["zero_force_ds_cpu_optimizer"] = False
     return config
 
 
@@ -129,60 +125,133 @@ def zero_stage(config: dict[str, Any]) -> int:
     return int(config.get("zero_optimization", {}).get("stage", 0))
 
 
+def partitioned_loading(config: dict[str, Any]) -> Any:
+    """Under ZeRO-3, make ``from_pretrained`` build and load the model partitioned.
+
+    Returns transformers' ``HfDeepSpeedConfig``, which transformers holds only by a weak
+    reference: keep it alive for as long as models are loaded (``None`` below stage 3).
+    """
+    if zero_stage(config) != 3:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(config)
+
+
+@contextlib.contextmanager
+def warmup_engine(model: torch.nn.Module, config: dict[str, Any]) -> Iterator[Callable[[], None] | None]:
+    """Forward and backward on a ZeRO-3 partitioned, frozen model, gathered by DeepSpeed's own hooks.
+
+    Yields the clean-up to run after each backward (``None`` below stage 3, where every rank
+    holds the whole model and nothing needs gathering). An engine without an optimizer installs
+    ZeRO-3's parameter hooks and nothing else; it is destroyed on exit, so the training engine
+    built next is the only one.
+    """
+    if zero_stage(config) != 3:
+        yield None
+        return
+    warmup_config = {k: v for k, v in config.items() if k not in ("optimizer", "scheduler")}
+    engine, *_ = deepspeed.initialize(model=model, config=warmup_config)
+    offload = engine.optimizer  # DeepSpeedZeRoOffload: the hooks that gather and release weights
+    try:
+        # A layer whose input needs no gradient (the first one) never fires its post-backward
+        # release; release those weights after every backward.
+        yield offload.release_backward_leftovers
+    finally:
+        offload.partition_all_parameters()
+        engine.destroy()
+        # DeepSpeed reuses a module's pre/post-backward functions when it finds them, and they
+        # still point at the destroyed engine's hooks; drop them so the next engine makes its own.
+        for module in model.modules():
+            module.__dict__.pop("pre_bwd_fn", None)
+            module.__dict__.pop("post_bwd_fn", None)
+
+
 def prepare(
     model: torch.nn.Module,
     warmup_batches: Iterable[Any],
     smt_config: SMTConfig,
     *,
+    config: dict[str, Any] | str | os.PathLike | None = None,
     loss_fn: Any = None,
 ) -> torch.nn.Module:
     """Warm up, select the blocks (checked identical on every rank) and convert the model.
 
     Call on every rank before ``initialize``; returns the same model with only its blocks
-    trainable.
+    trainable. A model partitioned at load by ZeRO-3 is warmed up under DeepSpeed's own gathering
+    (``config``: the DeepSpeed config, by default the one transformers loaded the model with).
     """
-    scores = collect_block_scores(model, warmup_batches, smt_config, loss_fn=loss_fn)
-    selection = select_blocks(scores, smt_config, total_params=count_parameters(model))
-    check_same_selection(selection)
+    ds_config = _config_dict(config) if config is not None else _transformers_config()
+    with warmup_engine(model, ds_config or {}) as after_backward:
+        selection, _ = choose_blocks(
+            model, warmup_batches, smt_config, loss_fn=loss_fn, after_backward=after_backward
+        )
     return apply_smt(model, selection, smt_config)
 
 
 def initialize(
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    lr_scheduler: Any,
-    config: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None = None,
+    lr_scheduler: Any = None,
+    config: dict[str, Any] | str | os.PathLike | None = None,
+    **kwargs: Any,
 ):
-    """A DeepSpeed engine over the model's trainable (block) parameters only.
+    """``deepspeed.initialize`` for an SMT model; returns its ``(engine, optimizer, dataloader, scheduler)``.
 
-    With a ``BlockShardedAdamW`` the config must be ZeRO stage 0 in fp32 without engine-side
-    gradient clipping (the optimizer clips the averaged gradient itself); anything else is a
-    ``ValueError`` before the engine exists.
+    The config (a dict or a path) gets what SMT needs: a client optimizer is allowed under ZeRO,
+    and with ``offload_optimizer`` kept rather than swapped for ``DeepSpeedCPUAdam``. With a
+    ``BlockShardedAdamW`` the config must be ZeRO stage 0 without engine-side precision; engine
+    clipping is switched off (DeepSpeed would otherwise clip each rank's unaveraged gradient with
+    its default of 1.0) and ``max_grad_norm`` on the optimizer clips the averaged gradient.
     """
+    config = _config_dict(config) if config is not None else {}
+    if optimizer is not None:
+        config.setdefault("zero_allow_untested_optimizer", True)
+        if config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none":
+            config.setdefault("zero_force_ds_cpu_optimizer", False)
     sharded = isinstance(optimizer, BlockShardedAdamW)
     if sharded:
-        problems = []
-        if zero_stage(config) != 0:
-            problems.append(
-                f"zero_optimization.stage={zero_stage(config)} (ZeRO partitions the blocks itself)"
-            )
-        if float(config.get("gradient_clipping", 0) or 0) > 0:
-            problems.append("gradient_clipping>0 (pass max_grad_norm to BlockShardedAdamW instead)")
-        for precision in ("fp16", "bf16"):
-            if config.get(precision, {}).get("enabled") is True:
-                problems.append(f"{precision} enabled (BlockShardedAdamW keeps fp32 masters of bf16 blocks)")
-        if problems:
-            raise ValueError(
-                "BlockShardedAdamW needs a ZeRO stage 0 config without " + "; ".join(problems) + "."
-            )
-    engine, optimizer, _, lr_scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config
+        _check_sharded_config(config)
+        config["gradient_clipping"] = 0.0
+    engine, optimizer, dataloader, lr_scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config, **kwargs
     )
     if sharded:
+        if engine.gradient_clipping():
+            raise RuntimeError(
+                "The DeepSpeed engine clips gradients although BlockShardedAdamW owns clipping."
+            )
         # The optimizer reduce-scatters exactly the block gradients in step(); the engine's
         # all-reduce after backward would send them twice.
         engine.enable_backward_allreduce = False
-    return engine, optimizer, lr_scheduler
+    return engine, optimizer, dataloader, lr_scheduler
+
+
+def _check_sharded_config(config: dict[str, Any]) -> None:
+    problems = []
+    if zero_stage(config) != 0:
+        problems.append(f"zero_optimization.stage={zero_stage(config)} (ZeRO partitions the blocks itself)")
+    if float(config.get("gradient_clipping", 0) or 0) > 0:
+        problems.append("gradient_clipping>0 (pass max_grad_norm to BlockShardedAdamW instead)")
+    for precision in ("fp16", "bf16"):
+        if config.get(precision, {}).get("enabled") is True:
+            problems.append(f"{precision} enabled (BlockShardedAdamW keeps fp32 masters of bf16 blocks)")
+    if problems:
+        raise ValueError("BlockShardedAdamW needs a ZeRO stage 0 config without " + "; ".join(problems) + ".")
+
+
+def _config_dict(config: dict[str, Any] | str | os.PathLike) -> dict[str, Any]:
+    """A deep copy of a config dict, or the config file read."""
+    if isinstance(config, (str, os.PathLike)):
+        return read_config(config)
+    return json.loads(json.dumps(config))
+
+
+def _transformers_config() -> dict[str, Any] | None:
+    """The DeepSpeed config transformers loads models under (``HfDeepSpeedConfig``), if any."""
+    from transformers.integrations.deepspeed import deepspeed_config
+
+    return deepspeed_config()
 
 
 @contextlib.contextmanager

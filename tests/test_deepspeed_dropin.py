@@ -24,7 +24,7 @@ def stage0(accumulation: int) -> dict:
 def _dropin_on_rank(rank, world, accumulation, out_dir):
     model = smt_model()
     optimizer = BlockShardedAdamW(blocks_of(model), lr=LR, weight_decay=0.1)
-    engine, optimizer, _ = smt_deepspeed.initialize(model, optimizer, None, stage0(accumulation))
+    engine, optimizer, _, _ = smt_deepspeed.initialize(model, optimizer, None, stage0(accumulation))
     assert engine.enable_backward_allreduce is False
     for step in range(STEPS):
         for batch in micro_batches(step, rank, world, accumulation):
@@ -53,7 +53,7 @@ def _prepare_on_rank(rank, world, out_dir):
         "zero_optimization": {"stage": 2},
         "zero_allow_untested_optimizer": True,
     }
-    engine, _, _ = smt_deepspeed.initialize(model, optimizer, None, ds_config)
+    engine, _, _, _ = smt_deepspeed.initialize(model, optimizer, None, ds_config)
     loss = engine(**lm_batches(1, seed=9)[0]).loss
     engine.backward(loss)
     engine.step()

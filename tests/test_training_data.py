@@ -7,7 +7,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from smt_dist.training.arguments import DEFAULT_MODEL_CONFIG
+from smt_dist.training.arguments import DEFAULT_MODEL
 from smt_dist.training.data import (
     IGNORE_INDEX,
     BatchOrder,
@@ -20,7 +20,7 @@ from smt_dist.training.data import (
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return AutoTokenizer.from_pretrained(DEFAULT_MODEL_CONFIG)
+    return AutoTokenizer.from_pretrained(DEFAULT_MODEL)
 
 
 def write(path, text):
@@ -103,5 +103,5 @@ def test_batch_order_shards_disjointly_and_resumes_mid_stream():
 
 
 def test_embedded_dataset_is_well_formed(tokenizer):
-    records = read_records(DEFAULT_MODEL_CONFIG.parent.parent / "data" / "tiny_instruct.jsonl")
+    records = read_records(DEFAULT_MODEL.parent.parent / "data" / "tiny_instruct.jsonl")
     assert len(records) == 1200 and all(json.dumps(r) for r in records)

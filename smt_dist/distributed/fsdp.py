@@ -1,18 +1,31 @@
-"""FSDP2 (``fully_shard``) for SMT models: one unit per decoder layer, blocks sharded whole.
+"""FSDP2 (``fully_shard``) for SMT models: built sharded, one unit per decoder layer, blocks whole.
 
 FSDP2 shards every parameter on dim 0. For a block parameter ``[nb, l, l]`` dim 0 counts blocks,
 so each rank holds whole blocks; frozen weights are sharded by rows and never get gradients, so
 FSDP reduce-scatters only the blocks' gradients. ``SparseLinear`` saves its weight Parameter for
 backward and never writes it, which is what FSDP's free-and-refill of unsharded storage needs.
+
+``load_sharded`` never materialises the model on any rank: the model is built on the meta device,
+sharded, given storage for this rank's rows only, and each rank reads exactly those rows from the
+safetensors files. Every rank reading its own slice (rather than rank 0 reading everything and
+broadcasting, as torchtune does) keeps rank 0's memory at one slice too and needs no broadcast;
+it assumes the checkpoint is on a filesystem every node can read, as checkpoints here do anyway.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import torch
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
+
+from smt_dist.checkpoint_files import SafetensorsCheckpoint
+from smt_dist.distributed.params import local_rows
+from smt_dist.layer import SparseLinear
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -38,7 +51,7 @@ def shard_model(
     """Apply ``fully_shard`` to every decoder layer, then to the root, in place; returns the model.
 
     Args:
-        model: An SMT model (after ``apply_smt``), on its training device.
+        model: The model (plain or after ``apply_smt``), on its training device or the meta device.
         layers: The modules that each become an FSDP unit (default: ``decoder_layers(model)``).
         cpu_offload: Keep sharded parameters (frozen weights included) in host memory.
     """
@@ -46,6 +59,59 @@ def shard_model(
     for layer in layers if layers is not None else decoder_layers(model):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
+    return model
+
+
+def load_sharded(
+    model_dir: str | Path,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    cpu_offload: bool = False,
+    prepare: Callable[[nn.Module], None] | None = None,
+) -> nn.Module:
+    """Build a Hugging Face causal LM sharded with FSDP2, reading only this rank's rows from disk.
+
+    Args:
+        model_dir: A directory with ``config.json`` and safetensors weights.
+        dtype: dtype of the parameters (the files' dtype is converted slice by slice).
+        device: The rank's training device.
+        cpu_offload: Keep the shards in host memory (``CPUOffloadPolicy``).
+        prepare: Called on the meta-device model before sharding, e.g. to swap in SMT layers;
+            parameters it adds that the files lack (SMT blocks) start at zero.
+
+    Returns:
+        The sharded model, in training mode.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    checkpoint = SafetensorsCheckpoint(model_dir)
+    config = AutoConfig.from_pretrained(model_dir)
+    # Parameters on the meta device, buffers (rotary tables) real: they are recomputed from the
+    # config, not read from the files, and to_empty below would leave them uninitialised.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if prepare is not None:
+        prepare(model)
+    # SMT blocks are deltas from the base: zero at the start, and absent from the files.
+    zeros = {f"{name}.blocks" for name, m in model.named_modules() if isinstance(m, SparseLinear)}
+    buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+    shard_model(model, cpu_offload=cpu_offload)
+    model.to_empty(device=torch.device("cpu") if cpu_offload else device)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            local = param.to_local() if isinstance(param, DTensor) else param
+            if name in checkpoint:
+                first, count = local_rows(param) if isinstance(param, DTensor) else (0, param.shape[0])
+                local.copy_(checkpoint.read_rows(name, first, first + count).to(dtype))
+            elif name in zeros:
+                local.zero_()
+            else:
+                raise ValueError(f"{model_dir} holds no weights for parameter '{name}'.")
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    model.train()
     return model
 
 

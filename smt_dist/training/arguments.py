@@ -16,9 +16,10 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from smt_dist.config import SCORES, SMTConfig
+from smt_dist.training.backends import BACKENDS
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL_CONFIG = REPO / "configs" / "tiny-llama"
+DEFAULT_MODEL = REPO / "models" / "tiny-llama"
 DEFAULT_DATA = REPO / "data" / "tiny_instruct.jsonl"
 
 
@@ -28,7 +29,10 @@ class TrainArguments:
 
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Local model directory (no hub at run time). Default: the embedded tiny Llama."},
+        metadata={
+            "help": "Local model directory with safetensors weights (no hub at run time). "
+            "Default: the embedded tiny Llama."
+        },
     )
     data_path: str | None = field(
         default=None, metadata={"help": "Alpaca-layout .json/.jsonl. Default: the embedded dataset."}
@@ -55,10 +59,14 @@ class TrainArguments:
     )
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs when max_steps is not set."})
     max_seq_length: int = field(default=128, metadata={"help": "Truncate examples to this many tokens."})
-    seed: int = field(
-        default=42, metadata={"help": "Seed of model init (embedded model), data order, dropout."}
-    )
+    seed: int = field(default=42, metadata={"help": "Seed of the data order and dropout."})
     bf16: bool = field(default=False, metadata={"help": "Train in bf16 (blocks, activations)."})
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "Recompute each decoder layer in backward (non-reentrant) instead of keeping activations."
+        },
+    )
     save_steps: int = field(
         default=0, metadata={"help": "Checkpoint every this many steps (0: only at the end)."}
     )
@@ -69,6 +77,10 @@ class TrainArguments:
     logging_steps: int = field(default=1, metadata={"help": "Write a log line every this many steps."})
     merge: bool = field(default=False, metadata={"help": "Also write a merged Hugging Face checkpoint."})
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
+    report_memory: bool = field(
+        default=False,
+        metadata={"help": "Write memory.json: every rank's peak memory per phase (anonymous RSS, CUDA)."},
+    )
     deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed JSON config."})
     backend: str = field(
         default="auto",
@@ -91,6 +103,10 @@ class TrainArguments:
     )
     smt_score: str = field(default="mean_abs", metadata={"help": f"Block score: {', '.join(SCORES)}."})
     smt_warmup_steps: int = field(default=8, metadata={"help": "Warm-up micro-batches for block scores."})
+    smt_selection: str | None = field(
+        default=None,
+        metadata={"help": "A selection.json from an earlier run: train those blocks and skip the warm-up."},
+    )
 
     def __post_init__(self) -> None:
         if self.smt_num_blocks is None and self.smt_ratio is None:
@@ -113,8 +129,8 @@ class TrainArguments:
             raise ValueError("Set --max_steps or a positive --num_train_epochs.")
         if self.save_steps < 0 or self.save_total_limit < 1:
             raise ValueError("--save_steps must be >= 0 and --save_total_limit >= 1.")
-        if self.backend not in ("auto", "deepspeed", "torch", "fsdp"):
-            raise ValueError(f"--backend must be auto, deepspeed, torch or fsdp, got {self.backend!r}.")
+        if self.backend not in ("auto", *BACKENDS):
+            raise ValueError(f"--backend must be auto or one of {', '.join(BACKENDS)}, got {self.backend!r}.")
         if self.backend == "auto":
             self.backend = _auto_backend(self)
         if (self.backend == "deepspeed") != bool(self.deepspeed):
@@ -134,8 +150,8 @@ class TrainArguments:
 
     @property
     def model_dir(self) -> Path:
-        """The model directory: the user's, or the embedded tiny Llama's config directory."""
-        return Path(self.model_name_or_path) if self.model_name_or_path else DEFAULT_MODEL_CONFIG
+        """The model directory: the user's, or the embedded tiny Llama."""
+        return Path(self.model_name_or_path) if self.model_name_or_path else DEFAULT_MODEL
 
     @property
     def data_file(self) -> Path:

@@ -1,0 +1,178 @@
+"""The seam between the training job and an engine: what every backend does, and in which order.
+
+The job calls, on every rank: ``init_process_group``; then, unless the selection is given,
+``load_base`` and the warm-up inside ``warmup()``; ``build`` (SMT layers in place, engine ready);
+per micro-batch ``loss``, ``backward``, ``step``; and ``block_values``, ``save``, ``load`` for
+adapters and checkpoints. Each engine decides how its model is loaded (whole, or partitioned as it
+is read), what gathers weights during the warm-up, and what its checkpoint holds; the job never
+asks which engine it has.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from smt_dist.config import SMTConfig
+from smt_dist.distributed.params import full_value
+from smt_dist.model import smt_modules
+from smt_dist.selection import BlockSelection
+
+
+class Backend(abc.ABC):
+    """One engine's way of loading, warming up, training and saving an SMT model.
+
+    Args:
+        args: The job's ``TrainArguments``.
+        smt_config: The run's SMT configuration.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, args: Any, *, smt_config: SMTConfig) -> None:
+        self.args = args
+        self.smt_config = smt_config
+        self.module: nn.Module | None = None
+        """The model this backend trains (after ``load_base`` or ``build``)."""
+
+    @classmethod
+    def check(cls, args: Any, *, world_size: int) -> None:
+        """Refuse arguments this engine cannot run, before any process group or file exists."""
+        return None
+
+    @property
+    def device(self) -> torch.device:
+        """This rank's compute device."""
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the model's parameters."""
+        return torch.bfloat16 if self.args.bf16 else torch.float32
+
+    def init_process_group(self) -> None:
+        """Join the job's process group (torchrun's environment, or mpi4py under mpirun)."""
+        from smt_dist.distributed.launch import init_process_group
+
+        init_process_group()
+
+    @abc.abstractmethod
+    def load_base(self) -> None:
+        """Load the base model into ``self.module``, partitioned as this engine keeps it."""
+
+    @contextlib.contextmanager
+    def warmup(self) -> Iterator[Callable[[], None] | None]:
+        """Forward and backward on ``self.module`` work inside; yields a per-backward clean-up."""
+        yield None
+
+    @abc.abstractmethod
+    def build(self, selection: BlockSelection, *, lr_lambda: Callable[[int], float]) -> None:
+        """SMT layers for ``selection`` in ``self.module`` (loading it if needed); engine ready.
+
+        ``lr_lambda`` is the learning-rate multiplier per optimizer step.
+        """
+
+    @abc.abstractmethod
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The forward pass's loss for one micro-batch."""
+
+    @abc.abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward for one micro-batch (scaled for gradient accumulation)."""
+
+    @abc.abstractmethod
+    def step(self) -> None:
+        """After every micro-batch: an optimizer step at accumulation boundaries."""
+
+    @abc.abstractmethod
+    def learning_rate(self) -> float:
+        """The current learning rate."""
+
+    @abc.abstractmethod
+    def save(self, directory: Path) -> None:
+        """Write this engine's training state into a checkpoint directory (a collective call)."""
+
+    @abc.abstractmethod
+    def load(self, directory: Path) -> None:
+        """Restore this engine's training state from a checkpoint directory (a collective call)."""
+
+    @property
+    def blocks(self) -> list[nn.Parameter]:
+        """The trainable block parameters."""
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def block_values(self) -> dict[str, torch.Tensor]:
+        """Every SMT module's whole blocks, gathered where partitioned (a collective call)."""
+        return {name: full_value(layer.blocks) for name, layer in smt_modules(self.module).items()}
+
+    def configure_model(self, model: nn.Module) -> nn.Module:
+        """Training switches every engine applies to a freshly built model."""
+        model.config.use_cache = False
+        if self.args.gradient_checkpointing:
+            # Non-reentrant: layers below the lowest selected block then need no backward at all.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+
+def load_pretrained(model_dir: Path, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """A whole Hugging Face causal LM on ``device``, for engines that keep one on every rank."""
+    from transformers import AutoModelForCausalLM
+
+    device_map = {"": device} if device.type == "cuda" else None
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device_map)
+    model.train()
+    return model.to(device)
+
+
+class LocalLoop(Backend):
+    """What the torch and FSDP backends share: accumulation, the scheduler, and its saved state."""
+
+    optimizer: torch.optim.Optimizer
+
+    def start_loop(self, optimizer: torch.optim.Optimizer, lr_lambda: Callable[[int], float]) -> None:
+        """Adopt the optimizer and put the schedule on it."""
+        self.optimizer = optimizer
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        self.micro_steps = 0
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.module(**batch).loss
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.args.gradient_accumulation_steps).backward()
+
+    def step(self) -> None:
+        self.micro_steps += 1
+        if self.micro_steps % self.args.gradient_accumulation_steps == 0:
+            self.clip()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def clip(self) -> None:
+        """Clip the gradients before an update (nothing by default)."""
+
+    def learning_rate(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save_schedule(self, directory: Path) -> None:
+        if dist.get_rank() == 0:
+            torch.save(
+                {"scheduler": self.scheduler.state_dict(), "micro_steps": self.micro_steps},
+                directory / "scheduler.pt",
+            )
+
+    def load_schedule(self, directory: Path) -> None:
+        extra = torch.load(directory / "scheduler.pt", weights_only=True)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.micro_steps = extra["micro_steps"]

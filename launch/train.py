@@ -47,6 +47,7 @@ from smt_dist.pipeline import choose_blocks  # noqa: E402
 from smt_dist.selection import budget_in_blocks, check_budget_fits  # noqa: E402
 from smt_dist.training.arguments import TrainArguments, parse_args  # noqa: E402
 from smt_dist.training.backends import backend_class  # noqa: E402
+from smt_dist.training.backends.base import empty_model  # noqa: E402
 from smt_dist.training.checkpoint import (  # noqa: E402
     checkpoints,
     find_checkpoint,
@@ -104,15 +105,15 @@ class SMTRecipe:
                     f"{self.output_dir} already holds a run; pass --overwrite_output_dir to replace it "
                     "or --resume_from_checkpoint to continue it."
                 )
-        self.backend_class = backend_class(args.backend)
-        # Checked now, with the world size the launcher announced, so a bad config writes nothing.
-        self.backend_class.check(args, world_size=world_size_from_env())
         self.tokenizer = load_tokenizer(args.model_dir)
         records = read_records(args.data_file)
         self.examples, self.dropped = tokenize_records(
             records, self.tokenizer, max_seq_length=args.max_seq_length
         )
         self.given_selection = self._check_model()
+        self.backend_class = backend_class(args.backend)
+        # Checked now, with the world size the launcher announced, so a bad config writes nothing.
+        self.backend_class.check(args, world_size=world_size_from_env())
         self.memory = PhaseMemory(enabled=args.report_memory)
         self.backend = None
 
@@ -334,19 +335,6 @@ def load_tokenizer(model_dir: Path):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def empty_model(model_dir: Path) -> torch.nn.Module:
-    """The model's modules with parameters on the meta device: shapes and names, no memory."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(model_dir)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"Cannot read the model config in {model_dir}: {err}") from err
-    with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config)
 
 
 def read_selection(path: Path, model: torch.nn.Module, config) -> BlockSelection:

@@ -9,6 +9,7 @@ from smt_dist.config import SMTConfig
 from smt_dist.layer import SparseLinear
 from smt_dist.model import apply_smt, count_parameters, find_targets, merge_smt
 from smt_dist.optim import BlockShardedAdamW
+from smt_dist.pipeline import choose_blocks
 from smt_dist.selection import BlockSelection, select_blocks
 from smt_dist.warmup import collect_block_scores
 
@@ -20,6 +21,7 @@ __all__ = [
     "SMTConfig",
     "SparseLinear",
     "apply_smt",
+    "choose_blocks",
     "collect_block_scores",
     "count_parameters",
     "find_targets",

@@ -39,7 +39,7 @@ import deepspeed
 from deepspeed.accelerator import get_accelerator
 
 from smt_dist.config import SMTConfig
-from smt_dist.model import apply_smt
+from smt_dist.model import apply_smt, decoder_layers
 from smt_dist.optim import BlockShardedAdamW
 from smt_dist.pipeline import choose_blocks
 
@@ -117,6 +117,42 @@ def resolve_config(
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}.")
+    return config
+
+
+def fill_zero3_sizes(config: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
+    """Replace ``"auto"`` ZeRO-3 sizes with values derived from the model, in place; returns the config.
+
+    What each size trades (``h`` the hidden size, ``L`` the parameters of the largest decoder
+    layer):
+
+    - ``stage3_prefetch_bucket_size`` (``0.9 h^2``, transformers' choice): parameters gathered
+      ahead of use; larger overlaps the all-gathers with compute, at that much memory.
+    - ``stage3_max_live_parameters`` (``L``): gathered parameters alive at once, prefetch
+      included; about one layer, so no rank ever holds more than a layer of the frozen model
+      beyond its partition. DeepSpeed's default, 1e9, can keep a whole small model gathered from
+      forward to backward.
+    - ``stage3_max_reuse_distance`` (``L``): a parameter needed again within this many gathered
+      parameters is kept rather than released (recomputation under gradient checkpointing);
+      lower saves memory, higher saves all-gathers.
+    - ``stage3_param_persistence_threshold`` (``10 h``, transformers' choice): parameters smaller
+      than this (norms, biases) stay gathered; it saves tiny all-gathers at their full size.
+    - ``reduce_bucket_size`` (``h^2``): gradient elements reduced per bucket (only the blocks have
+      gradients here).
+    """
+    zero = config.get("zero_optimization", {})
+    hidden = int(model.config.hidden_size)
+    layer = max(sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters()) for m in decoder_layers(model))
+    sizes = {
+        "reduce_bucket_size": hidden * hidden,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "stage3_param_persistence_threshold": 10 * hidden,
+        "stage3_max_live_parameters": layer,
+        "stage3_max_reuse_distance": layer,
+    }
+    for key, value in sizes.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
     return config
 
 

@@ -187,8 +187,8 @@ class SparseLinear(nn.Module):
 
     @property
     def num_blocks(self) -> int:
-        """How many blocks this layer trains."""
-        return self.blocks.shape[0]
+        """How many blocks this layer trains (also while an engine partitions ``blocks``)."""
+        return self.block_index.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.requires_grad:

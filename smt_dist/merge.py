@@ -55,16 +55,7 @@ def merge_checkpoint(
     blocks = {f"{name}.weight": (tensors[f"{name}.block_index"], tensors[f"{name}.blocks"]) for name in names}
     with atomic_directory(output) as staging:
         for file in checkpoint.files:
-            shard = checkpoint.shard_tensors(file)
-            for key, tensor in shard.items():
-                if dtype is not None and tensor.is_floating_point():
-                    tensor = tensor.to(dtype)
-                if key in blocks:
-                    index, values = blocks[key]
-                    tensor = scatter_blocks(tensor, index, values, add=True)
-                shard[key] = tensor.contiguous()
-            save_file(shard, str(staging / file), metadata={"format": "pt"})
-            del shard
+            _merge_shard(checkpoint, file, staging / file, blocks, dtype)
         if (base / INDEX_NAME).is_file():
             index = json.loads((base / INDEX_NAME).read_text())
             index["metadata"] = {"total_size": sum((staging / f).stat().st_size for f in checkpoint.files)}
@@ -78,6 +69,26 @@ def merge_checkpoint(
             config[key] = str(dtype).removeprefix("torch.")
             write_json(staging / "config.json", config)
     return output
+
+
+def _merge_shard(
+    checkpoint: SafetensorsCheckpoint,
+    file: str,
+    destination: Path,
+    blocks: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    dtype: torch.dtype | None,
+) -> None:
+    """Read one shard, add the blocks of the weights it holds, write it; nothing outlives the call."""
+    shard = checkpoint.shard_tensors(file)
+    for key in list(shard):
+        tensor = shard[key]
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        if key in blocks:
+            index, values = blocks[key]
+            tensor = scatter_blocks(tensor, index, values, add=True)
+        shard[key] = tensor.contiguous()
+    save_file(shard, str(destination), metadata={"format": "pt"})
 
 
 def main(argv: list[str] | None = None) -> int:

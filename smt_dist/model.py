@@ -39,6 +39,20 @@ def find_targets(model: nn.Module, config: SMTConfig) -> dict[str, nn.Linear]:
     return targets
 
 
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a decoder: the longest ``nn.ModuleList`` named ``layers`` or ``h``."""
+    candidates = [
+        m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList) and name.split(".")[-1] in ("layers", "h")
+    ]
+    if not candidates:
+        raise ValueError(
+            "Found no decoder layers (an nn.ModuleList named 'layers' or 'h'); name the layers explicitly."
+        )
+    return list(max(candidates, key=len))
+
+
 def count_parameters(model: nn.Module) -> int:
     """Total parameters, counting ZeRO-3 partitioned parameters at their full size."""
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

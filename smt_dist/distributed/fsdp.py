@@ -26,20 +26,7 @@ from torch.distributed.tensor import DTensor
 from smt_dist.checkpoint_files import SafetensorsCheckpoint
 from smt_dist.distributed.params import local_rows
 from smt_dist.layer import SparseLinear
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a decoder: the longest ``nn.ModuleList`` named ``layers`` or ``h``."""
-    candidates = [
-        m
-        for name, m in model.named_modules()
-        if isinstance(m, nn.ModuleList) and name.split(".")[-1] in ("layers", "h")
-    ]
-    if not candidates:
-        raise ValueError(
-            "Found no decoder layers (an nn.ModuleList named 'layers' or 'h'); pass layers= explicitly."
-        )
-    return list(max(candidates, key=len))
+from smt_dist.model import decoder_layers
 
 
 def shard_model(
@@ -56,10 +43,26 @@ def shard_model(
         cpu_offload: Keep sharded parameters (frozen weights included) in host memory.
     """
     kwargs = {"offload_policy": CPUOffloadPolicy(pin_memory=False)} if cpu_offload else {}
-    for layer in layers if layers is not None else decoder_layers(model):
-        fully_shard(layer, **kwargs)
+    units = list(layers if layers is not None else decoder_layers(model))
+    # Input and output embeddings get units of their own (as torchtitan does), so the root unit
+    # holds only small norms and is not kept gathered from forward to backward at vocab x hidden.
+    embeddings = [
+        m
+        for m in (_embedding(model, "get_input_embeddings"), _embedding(model, "get_output_embeddings"))
+        if m
+    ]
+    if len(embeddings) == 2 and embeddings[0].weight is embeddings[1].weight:
+        embeddings = []  # tied: one parameter in two modules stays in the root unit
+    for unit in [*units, *embeddings]:
+        fully_shard(unit, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def _embedding(model: nn.Module, getter: str) -> nn.Module | None:
+    get = getattr(model, getter, None)
+    module = get() if get is not None else None
+    return module if isinstance(module, nn.Module) and hasattr(module, "weight") else None
 
 
 def load_sharded(
@@ -96,7 +99,7 @@ def load_sharded(
         prepare(model)
     # SMT blocks are deltas from the base: zero at the start, and absent from the files.
     zeros = {f"{name}.blocks" for name, m in model.named_modules() if isinstance(m, SparseLinear)}
-    buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers(remove_duplicate=False)}
     shard_model(model, cpu_offload=cpu_offload)
     model.to_empty(device=torch.device("cpu") if cpu_offload else device)
     with torch.no_grad():
@@ -109,8 +112,12 @@ def load_sharded(
                 local.zero_()
             else:
                 raise ValueError(f"{model_dir} holds no weights for parameter '{name}'.")
-        for name, buffer in model.named_buffers():
-            buffer.copy_(buffers[name])
+    # Buffers are not FSDP's: they belong on the compute device, also when shards live in host memory.
+    for module_name, module in model.named_modules():
+        for name in list(module._buffers):
+            if module._buffers[name] is not None:
+                key = f"{module_name}.{name}" if module_name else name
+                module._buffers[name] = buffers[key].to(device)
     model.train()
     return model
 

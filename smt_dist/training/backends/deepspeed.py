@@ -19,7 +19,7 @@ import torch
 
 from smt_dist.model import apply_smt
 from smt_dist.selection import BlockSelection
-from smt_dist.training.backends.base import Backend, load_pretrained
+from smt_dist.training.backends.base import Backend, empty_model, load_pretrained
 
 ENGINE_TAG = "engine"
 
@@ -46,7 +46,7 @@ class DeepSpeedBackend(Backend):
 
     @staticmethod
     def _resolve(ds, config: dict[str, Any], args: Any, world_size: int) -> dict[str, Any]:
-        return ds.resolve_config(
+        config = ds.resolve_config(
             config,
             micro_batch_size=args.per_device_train_batch_size,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -54,6 +54,7 @@ class DeepSpeedBackend(Backend):
             max_grad_norm=args.max_grad_norm,
             bf16=args.bf16,
         )
+        return ds.fill_zero3_sizes(config, empty_model(args.model_dir))
 
     @property
     def zero_stage(self) -> int:
@@ -62,6 +63,8 @@ class DeepSpeedBackend(Backend):
     def init_process_group(self) -> None:
         import torch.distributed as dist
 
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.device)
         self.ds.init_distributed()
         self.config = self._resolve(self.ds, self.user_config, self.args, dist.get_world_size())
 

@@ -32,5 +32,8 @@ def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
+        # Every rank's collectives are done before any rank tears gloo down: a rank that destroys
+        # its group while a peer still sends can abort in gloo's worker threads.
+        dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -82,6 +82,32 @@ def test_layer_and_memory_benchmarks_run(tmp_path):
     )
 
 
+def test_scale_memory_reports_every_phase(tmp_path):
+    out = tmp_path / "scale.json"
+    run(
+        "scale_memory.py",
+        "--sizes",
+        "tiny,small",
+        "--configs",
+        "zero3,fsdp",
+        "--models_dir",
+        str(tmp_path / "models"),
+        "--out",
+        str(out),
+    )
+    report = json.loads(out.read_text())
+    small, large = report["sizes"]
+    delta = report["model_mib"][large] - report["model_mib"][small]
+    for config in ("zero3", "fsdp"):
+        peaks, growth = report["configs"][config]["peaks"], report["configs"][config]["growth"]
+        assert set(peaks[small]) == {"load", "warmup", "build", "train", "save", "merge", "job"}, config
+        for phase, value in growth.items():
+            assert value == pytest.approx((peaks[large][phase] - peaks[small][phase]) / delta), (
+                config,
+                phase,
+            )
+
+
 def test_analytic_model_orders_the_methods():
     sys.path.insert(0, str(REPO / "benchmarks"))
     from analytic import SHAPES, memory_per_gpu, step_flops
@@ -94,3 +120,19 @@ def test_analytic_model_orders_the_methods():
             memory_per_gpu(shape, "smt", stage=stage)["total"]
             < memory_per_gpu(shape, "full", stage=stage)["total"]
         )
+
+
+def test_analytic_job_phases_partition_and_checkpointing_help():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from analytic import ENGINES, SHAPES, job_phase_memory
+
+    shape = SHAPES["70b"]
+    per_gpu = {e: job_phase_memory(shape, e, checkpointing=True)["gpu"] for e in ENGINES}
+    assert per_gpu["zero3"]["load"] == pytest.approx(per_gpu["zero2"]["load"] / 8, rel=0.05)
+    assert (
+        per_gpu["zero3_offload"]["load"] == 0
+        and per_gpu["fsdp2_offload"]["train"] < per_gpu["fsdp2"]["train"]
+    )
+    for engine in ENGINES:
+        without = job_phase_memory(shape, engine, checkpointing=False)["gpu"]
+        assert per_gpu[engine]["train"] < without["train"], engine

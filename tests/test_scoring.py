@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from conftest import lm_batches, tiny_causal_lm
-from torch.utils._python_dispatch import TorchDispatchMode
+from counting import WeightShapedProducts
 
 from smt_dist import SMTConfig, collect_block_scores, find_targets, select_blocks
 from smt_dist.scoring import BlockScoreProbes, finalize_scores
@@ -53,22 +53,6 @@ def test_scores_match_dense_reference(score):
         torch.testing.assert_close(scores[name], expected, **TOL)
 
 
-class _WeightShapedProducts(TorchDispatchMode):
-    """Records every matrix product whose result has the shape of a target weight."""
-
-    def __init__(self, shapes):
-        super().__init__()
-        self.shapes = shapes
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        products = (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm)
-        if func.overloadpacket in products and tuple(out.shape[-2:]) in self.shapes:
-            self.seen.append((str(func), tuple(out.shape)))
-        return out
-
-
 @pytest.mark.parametrize("score", ["mean_abs", "abs_mean"])
 def test_warmup_creates_no_weight_gradient_and_restores_flags(score):
     model = tiny_causal_lm("llama")
@@ -84,7 +68,7 @@ def test_warmup_creates_no_weight_gradient_and_restores_flags(score):
     # A dense weight gradient would be a matrix product shaped like its weight; 2 x 12 tokens
     # match no weight dimension, so only such a gradient could produce one.
     shapes = {tuple(t.weight.shape) for t in targets.values()}
-    with _WeightShapedProducts(shapes) as products:
+    with WeightShapedProducts(shapes) as products:
         collect_block_scores(model, lm_batches(2, batch=2, seq=12), config)
     assert products.seen == []
     assert trainable_during and max(trainable_during) == 0
@@ -96,7 +80,7 @@ def test_the_weight_shape_check_can_fail():
     """The counting mode above sees a dense weight gradient when one is computed."""
     model = tiny_causal_lm("llama")
     shapes = {tuple(model.model.layers[0].self_attn.q_proj.weight.shape)}
-    with _WeightShapedProducts(shapes) as products:
+    with WeightShapedProducts(shapes) as products:
         model(**lm_batches(1, batch=2, seq=12)[0]).loss.backward()
     assert products.seen
 

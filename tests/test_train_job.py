@@ -146,6 +146,26 @@ def test_other_stages_and_launchers_match_zero2(reference, tmp_path, launcher, c
 
 
 @pytest.mark.parametrize(
+    ("config", "extra"),
+    [
+        ("zero3_smt", ["--gradient_checkpointing"]),  # recomputation changes no value
+        ("fsdp", ["--gradient_checkpointing"]),
+        ("zero2_smt", ["--smt_selection", "REFERENCE/selection.json"]),  # the same blocks, no warm-up
+    ],
+)
+def test_checkpointing_and_a_given_selection_match_zero2(reference, tmp_path, config, extra):
+    extra = [arg.replace("REFERENCE", str(reference)) for arg in extra]
+    launcher = "torchrun" if config == "fsdp" else "deepspeed"
+    output_dir = run_job(launcher, tmp_path / "out", config, *extra)
+    torch.testing.assert_close(torch.tensor(losses(output_dir)), torch.tensor(losses(reference)), **PARITY)
+    expected = adapter_tensors(reference)
+    for key, value in adapter_tensors(output_dir).items():
+        torch.testing.assert_close(value, expected[key], **PARITY)
+    if "--smt_selection" in extra:
+        assert not (output_dir / "selection.json").exists()  # no warm-up ran
+
+
+@pytest.mark.parametrize(
     ("launcher", "config"), [("deepspeed", "zero2_smt"), ("torchrun", None), ("torchrun", "fsdp")]
 )
 def test_killed_run_resumes_to_the_uninterrupted_result(reference, tmp_path, launcher, config):
@@ -227,6 +247,30 @@ BAD_INPUTS = {
     "batch conflict": (
         lambda d: ["--deepspeed", write(d / "ds.json", '{"train_micro_batch_size_per_gpu": 3}')],
         "sets train_micro_batch_size_per_gpu=3 but the command line implies 8",
+    ),
+    "missing selection": (
+        lambda d: ["--smt_selection", str(d / "none.json")],
+        "Selection file .*none.json does not exist",
+    ),
+    "selection of another model": (
+        lambda d: [
+            "--smt_selection",
+            write(
+                d / "sel.json",
+                '{"format": "smt_dist.selection/1", "block_size": 16, "blocks": {"model.layers.9.mlp.up_proj": [[0, 0]]}}',
+            ),
+        ],
+        "sel.json names module 'model.layers.9.mlp.up_proj', which this model lacks",
+    ),
+    "selection of another block size": (
+        lambda d: [
+            "--smt_selection",
+            write(
+                d / "sel.json",
+                '{"format": "smt_dist.selection/1", "block_size": 32, "blocks": {"model.layers.0.self_attn.q_proj": [[0, 0]]}}',
+            ),
+        ],
+        "selects blocks of size 32 but --smt_block_size is 16",
     ),
     "no checkpoint": (
         lambda d: ["--resume_from_checkpoint", str(d / "ckpt")],

@@ -44,8 +44,8 @@ class Shape:
 
     @classmethod
     def from_size(cls, size: str, *, name: str | None = None) -> Shape:
-        """The shape of ``models.SIZES[size]``."""
-        from models import SIZES
+        """The shape of ``shapes.SIZES[size]``."""
+        from shapes import SIZES
 
         c = SIZES[size]
         return cls(
@@ -81,6 +81,7 @@ SHAPES = {
     "119m": Shape.from_size("119m"),
     "7b": Shape.from_size("7b", name="LLaMA-7B"),
     "13b": Shape.from_size("13b", name="LLaMA-13B"),
+    "70b": Shape.from_size("70b", name="LLaMA-2-70B"),
 }
 
 
@@ -197,9 +198,123 @@ def memory_table(shape: Shape, *, world: int = 8, tokens_per_gpu: int = 4096) ->
     return "\n".join(rows)
 
 
+# ---- every phase of the job, per GPU (launch/train.py's path) --------------------------------------
+
+ENGINES = ("zero2", "zero3", "zero3_offload", "fsdp2", "fsdp2_offload")
+PHASES = ("load", "warmup", "build", "train", "save")
+GIB = 2**30
+
+
+def layer_params(shape: Shape) -> int:
+    """Parameters of one decoder layer."""
+    return shape.hidden * (2 * shape.hidden + 2 * shape.kv) + 3 * shape.hidden * shape.mlp
+
+
+def job_phase_memory(
+    shape: Shape,
+    engine: str,
+    *,
+    world: int = 8,
+    tokens_per_gpu: int = 4096,
+    checkpointing: bool = False,
+    fraction: float = 0.01,
+    score: str = "mean_abs",
+) -> dict[str, dict[str, float]]:
+    """GiB per rank in each phase of the job: ``{"gpu": {...}, "host": {...}}``.
+
+    The path the code takes, bf16 weights, SMT at ``fraction`` of the parameters in bf16 blocks
+    with fp32 AdamW states:
+
+    - the frozen base: whole on every GPU (ZeRO-2), or ``1/world`` of it (ZeRO-3, FSDP2), in host
+      memory with offload; loading reads it partitioned, gathering at most one module (ZeRO-3,
+      through transformers) or one row slice (FSDP2) at a time;
+    - gathered weights while a layer runs: ZeRO-3 keeps at most ``stage3_max_live_parameters``
+      (one layer, configs/zero3_smt.json's "auto") plus a prefetch bucket of ``0.9 h^2``; FSDP2
+      holds the running layer and the one it prefetches;
+    - activations: per token and layer, full fine-tuning's ``34 h`` bytes minus the inputs frozen
+      linears need not keep, plus the selected input column-blocks (upper bound); the warm-up with
+      ``mean_abs`` keeps each target's whole input (q, k, v share one) and ``abs_mean`` keeps
+      column-block sums only. With gradient checkpointing each layer keeps only its input
+      (``2 h``) and one layer is recomputed at a time. The fp32 logits and their gradient,
+      ``8 vocab`` bytes per token, come on top;
+    - blocks, their gradients and Adam states are partitioned over the ranks (ZeRO, FSDP);
+      ``zero3_offload`` keeps the Adam states in host memory; saving gathers the blocks alone.
+    """
+    n, h, tokens = shape.total_params, shape.hidden, tokens_per_gpu
+    weights = 2 * n
+    partitioned = engine != "zero2"
+    offload = engine.endswith("_offload")
+    part = weights / world if partitioned else weights
+    layer = 2 * layer_params(shape)
+    if engine.startswith("zero3"):
+        window = layer + 2 * 0.9 * h * h
+        loading = 2 * h * shape.mlp  # transformers gathers one module at a time to load it
+    elif engine.startswith("fsdp2"):
+        window = 2 * layer
+        loading = 2 * h * shape.mlp / world  # one row slice per parameter
+    else:
+        window, loading = 0.0, 0.0
+    trainable_params = fraction * n
+    blocks = 2 * trainable_params / (world if partitioned else 1)
+    grads = 2 * trainable_params / world
+    adam = 12 * trainable_params / world
+    logits = 8 * shape.vocab * tokens
+    if checkpointing:
+        train_acts = tokens * (2 * h * shape.layers + 34 * h)
+        warm_acts = train_acts
+    else:
+        train_acts = tokens * activation_bytes_per_token(shape, "smt", fraction=fraction)
+        frozen = tokens * (activation_bytes_per_token(shape, "full") - 2 * (3 * h + shape.mlp) * shape.layers)
+        kept_inputs = 2 * 2 * h * shape.layers * tokens if score == "mean_abs" else 0.0
+        warm_acts = frozen + kept_inputs
+    base_gpu = 0.0 if offload else part
+    adam_gpu = 0.0 if engine == "zero3_offload" else adam
+    gpu = {
+        "load": base_gpu + (0.0 if offload else loading),
+        "warmup": base_gpu + window + warm_acts + logits,
+        "build": base_gpu + blocks + adam_gpu,
+        "train": base_gpu + window + train_acts + logits + blocks + grads + adam_gpu,
+        "save": base_gpu + blocks + adam_gpu + 2 * trainable_params,
+    }
+    host_rank = (part if offload else 0.0) + (adam if engine == "zero3_offload" else 0.0)
+    return {
+        "gpu": {k: v / GIB for k, v in gpu.items()},
+        "host": {"per_rank": host_rank / GIB, "per_node_of_8": 8 * host_rank / GIB},
+    }
+
+
+def job_phase_table(
+    shape: Shape, *, world: int = 8, gpu_gib: float = 80.0, tokens_per_gpu: int = 4096
+) -> str:
+    """Markdown table of every phase's GiB per GPU, and whether the job fits ``gpu_gib``."""
+    rows = [
+        f"{shape.name} ({shape.total_params / 1e9:.1f}B), {world} x {gpu_gib:.0f} GB GPUs, {tokens_per_gpu} "
+        "tokens per GPU, SMT at 1%, bf16; GiB per GPU by phase (host GiB per rank where offloaded)",
+        "",
+        "| engine | checkpointing | " + " | ".join(PHASES) + " | peak | host | fits |",
+        "|" + " --- |" * (len(PHASES) + 5),
+    ]
+    for engine in ENGINES:
+        for checkpointing in (False, True):
+            m = job_phase_memory(
+                shape, engine, world=world, tokens_per_gpu=tokens_per_gpu, checkpointing=checkpointing
+            )
+            peak = max(m["gpu"].values())
+            fits = "yes" if peak <= 0.9 * gpu_gib * 1e9 / GIB else "no"  # 10% left for the allocator, kernels
+            cells = " | ".join(f"{m['gpu'][p]:.1f}" for p in PHASES)
+            rows.append(
+                f"| {engine} | {'on' if checkpointing else 'off'} | {cells} | {peak:.1f} | "
+                f"{m['host']['per_rank']:.1f} | {fits} |"
+            )
+    return "\n".join(rows)
+
+
 def main() -> None:
     for key in ("7b", "13b"):
         print(memory_table(SHAPES[key]))
+        print()
+    for key in ("13b", "70b"):
+        print(job_phase_table(SHAPES[key]))
         print()
     single = SHAPES["7b"]
     print("Single GPU, no ZeRO (the paper's setting), LLaMA-7B, 4096 tokens:")

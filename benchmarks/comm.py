@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from models import SIZES, build_llama, random_batches
+from shapes import SIZES, build_llama, random_batches
 
 
 def batch(size: str, rank: int, step: int, seq: int) -> dict[str, torch.Tensor]:
@@ -31,8 +31,7 @@ def batch(size: str, rank: int, step: int, seq: int) -> dict[str, torch.Tensor]:
 def worker(rank: int, world: int, port: int, args, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from smt_dist import SMTConfig, apply_smt, collect_block_scores, count_parameters, select_blocks
-    from smt_dist.distributed import check_same_selection
+    from smt_dist import SMTConfig, apply_smt, choose_blocks, count_parameters
     from smt_dist.optim import BlockShardedAdamW
 
     config = SMTConfig(
@@ -42,9 +41,7 @@ def worker(rank: int, world: int, port: int, args, out: str) -> None:
         target_modules=tuple(args.targets.split(",")),
     )
     model = build_llama(args.size)
-    scores = collect_block_scores(model, (batch(args.size, rank, s, args.seq) for s in range(2)), config)
-    selection = select_blocks(scores, config, total_params=count_parameters(model))
-    check_same_selection(selection)
+    selection, _ = choose_blocks(model, (batch(args.size, rank, s, args.seq) for s in range(2)), config)
     apply_smt(model, selection, config)
     optimizer = BlockShardedAdamW(
         [p for p in model.parameters() if p.requires_grad], lr=1e-4, max_grad_norm=1.0

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from models import SIZES, build_llama, random_batches
+from shapes import SIZES, build_llama, random_batches
 
 SMT_RATIOS = (0.005, 0.01, 0.02, 0.05)
 TARGETS = ("q_proj", "k_proj", "v_proj")

@@ -1,7 +1,7 @@
 """The Llama shapes every benchmark draws from, the model built from one, and random batches.
 
-One table, so a size means the same model in ``compare.py``, ``warmup_memory.py``, ``comm.py``
-and the analytic model of ``analytic.py``.
+One table, so a size means the same model in ``compare.py``, ``warmup_memory.py``, ``comm.py``,
+``scale_memory.py`` and the analytic model of ``analytic.py``.
 """
 
 from __future__ import annotations
@@ -36,6 +36,24 @@ SIZES = {
         intermediate_size=2816,
         vocab_size=8000,
     ),
+    # The two models of scale_memory.py: 32 layers like LLaMA-7B, so one decoder layer is 1/32 of
+    # the model (as it is at scale), about 0.4 and 1.7 GB in fp32.
+    "deep111m": dict(
+        hidden_size=512,
+        num_hidden_layers=32,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        intermediate_size=1408,
+        vocab_size=8000,
+    ),
+    "deep427m": dict(
+        hidden_size=1024,
+        num_hidden_layers=32,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        intermediate_size=2816,
+        vocab_size=8000,
+    ),
     "1b": dict(
         hidden_size=2048,
         num_hidden_layers=16,
@@ -58,6 +76,14 @@ SIZES = {
         num_attention_heads=40,
         num_key_value_heads=40,
         intermediate_size=13824,
+        vocab_size=32000,
+    ),
+    "70b": dict(
+        hidden_size=8192,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        intermediate_size=28672,
         vocab_size=32000,
     ),
 }

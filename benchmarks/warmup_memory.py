@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from models import SIZES, build_llama, random_batches
+from shapes import SIZES, build_llama, random_batches
 
 
 def peak_mib() -> float:

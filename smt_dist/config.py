@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 SCORES = ("mean_abs", "abs_mean")
@@ -51,13 +51,24 @@ class SMTConfig:
     mlp_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     """Patterns that put a target in the MLP group (for caps and summaries)."""
 
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Free-form metadata stored with an adapter (e.g. the command line that made it)."""
+    shared_input_groups: tuple[tuple[str, ...], ...] = (
+        ("q_proj", "k_proj", "v_proj"),
+        ("gate_proj", "up_proj"),
+    )
+    """Sibling linears (same parent module, last name component matching one group) that read one
+    input tensor: when together they would copy at least the whole input, they keep it once, by
+    reference, instead (memory only; the result never depends on it)."""
 
     def __post_init__(self) -> None:
         self.target_modules = _as_patterns("target_modules", self.target_modules)
         self.attention_modules = _as_patterns("attention_modules", self.attention_modules)
         self.mlp_modules = _as_patterns("mlp_modules", self.mlp_modules)
+        groups = self.shared_input_groups
+        if isinstance(groups, str) or not all(
+            not isinstance(g, str) and all(isinstance(p, str) and p for p in g) for g in groups
+        ):
+            raise ValueError(f"shared_input_groups must be lists of module-name patterns, got {groups!r}.")
+        self.shared_input_groups = tuple(tuple(g) for g in groups)
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
             raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}.")
         if self.block_size < 1:
@@ -89,11 +100,13 @@ class SMTConfig:
         out = dataclasses.asdict(self)
         for key in ("target_modules", "attention_modules", "mlp_modules"):
             out[key] = list(out[key])
+        out["shared_input_groups"] = [list(group) for group in self.shared_input_groups]
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SMTConfig:
         """Build a config from :meth:`to_dict` output; unknown keys are an error."""
+        data = {k: v for k, v in data.items() if k != "extra"}  # a free-form field of older adapters
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

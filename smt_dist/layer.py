@@ -17,11 +17,19 @@ never writes into it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from smt_dist.blocks import block_grid, scatter_blocks, weight_shape
+
+# A layer whose blocks cover at least this share of its weight computes with W + D, merged in a
+# transient copy, instead of batched block products: the copy (2 out x in elements, forward and
+# backward) then costs less than the two extra block products (4 N x covered area FLOPs) for any
+# training batch of more than a few hundred tokens, on CPUs and GPUs alike.
+MERGE_AREA = 0.25
 
 
 class _SparseBlockLinear(torch.autograd.Function):
@@ -38,38 +46,74 @@ class _SparseBlockLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, blocks, rows, cols, saved_cols, col_slot, cols_distinct):
-        dtype = x.dtype
-        y = F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
-        # Distinct input column-blocks read by the selected blocks: the only activation kept.
-        x_saved = _block_major(x, blocks.shape[-1]).index_select(0, saved_cols)  # [nu, N, l]
-        x_per_block = x_saved if cols_distinct else x_saved.index_select(0, col_slot)  # [nb, N, l]
-        y_delta = torch.bmm(x_per_block, blocks.to(dtype).transpose(1, 2))
-        _row_blocks(y, blocks.shape[-1]).index_add_(1, rows, y_delta.transpose(0, 1))
-        ctx.save_for_backward(x_saved, weight, blocks, rows, cols, col_slot)
-        ctx.cols_distinct = cols_distinct
+    def forward(ctx, x, weight, bias, blocks, rows, cols, saved_cols, col_slot, plan):
+        dtype, l = x.dtype, blocks.shape[-1]
+        # Distinct input column-blocks read by the selected blocks: the only activation kept,
+        # either as a copy or (save_input) as the input itself, shared with sibling readers.
+        x_cols = _block_major(x, l).index_select(0, saved_cols)  # [nu, N, l]
+        if plan.merged:  # W + D in a transient copy: one dense product instead of a batch of blocks
+            y = F.linear(
+                x, _merged(weight, blocks, rows, cols, dtype), None if bias is None else bias.to(dtype)
+            )
+        else:
+            y = F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
+            x_per_block = x_cols if plan.cols_distinct else x_cols.index_select(0, col_slot)  # [nb, N, l]
+            y_delta = torch.bmm(x_per_block, blocks.to(dtype).transpose(1, 2))
+            _row_blocks(y, l).index_add_(1, rows, y_delta.transpose(0, 1))
+        ctx.save_for_backward(
+            x if plan.save_input else x_cols, weight, blocks, rows, cols, saved_cols, col_slot
+        )
+        ctx.plan = plan
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x_saved, weight, blocks, rows, cols, col_slot = ctx.saved_tensors
+        x_saved, weight, blocks, rows, cols, saved_cols, col_slot = ctx.saved_tensors
         needs_x, _, needs_bias, needs_blocks = ctx.needs_input_grad[:4]
-        block_size = blocks.shape[-1]
+        plan, l = ctx.plan, blocks.shape[-1]
+        if plan.save_input and needs_blocks:
+            x_saved = _block_major(x_saved, l).index_select(0, saved_cols)
         grad_y = grad_y.contiguous()
-        grad_y_per_block = _block_major(grad_y, block_size).index_select(0, rows)  # [nb, N, l]
+        grad_y_per_block = _block_major(grad_y, l).index_select(0, rows)  # [nb, N, l]
 
         grad_x = grad_bias = grad_blocks = None
         if needs_x:
-            grad_x = grad_y @ weight.to(grad_y.dtype)
-            grad_x_delta = torch.bmm(grad_y_per_block, blocks.to(grad_y.dtype))
-            _row_blocks(grad_x, block_size).index_add_(1, cols, grad_x_delta.transpose(0, 1))
+            if plan.merged:
+                grad_x = grad_y @ _merged(weight, blocks, rows, cols, grad_y.dtype)
+            else:
+                grad_x = grad_y @ weight.to(grad_y.dtype)
+                grad_x_delta = torch.bmm(grad_y_per_block, blocks.to(grad_y.dtype))
+                _row_blocks(grad_x, l).index_add_(1, cols, grad_x_delta.transpose(0, 1))
         if needs_bias:
             grad_bias = grad_y.sum(0)
         if needs_blocks:
             # dD_k = dY[:, rows_k]^T @ X[:, cols_k], summed over every token, batched over blocks.
-            x_per_block = x_saved if ctx.cols_distinct else x_saved.index_select(0, col_slot)
+            x_per_block = x_saved if plan.cols_distinct else x_saved.index_select(0, col_slot)
             grad_blocks = torch.bmm(grad_y_per_block.transpose(1, 2), x_per_block).to(blocks.dtype)
         return grad_x, None, grad_bias, grad_blocks, None, None, None, None, None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one layer runs: which activation it keeps, and whether it merges its blocks."""
+
+    cols_distinct: bool
+    """One block per column-block: the saved columns already line up with the blocks."""
+    save_input: bool
+    """Keep the whole input (by reference) rather than a copy of its column-blocks."""
+    merged: bool
+    """Compute with ``W + D`` (a transient copy of the weight) instead of batched block products."""
+
+
+def _merged(
+    weight: torch.Tensor, blocks: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, dtype
+) -> torch.Tensor:
+    """A new ``W + D`` in ``dtype``; the weight itself is never written."""
+    l = blocks.shape[-1]
+    merged = weight.to(dtype, copy=True)
+    grid = merged.view(merged.shape[0] // l, l, merged.shape[1] // l, l).permute(0, 2, 1, 3)
+    grid.index_put_((rows, cols), blocks.to(dtype), accumulate=True)
+    return merged
 
 
 def _row_blocks(matrix: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -85,45 +129,11 @@ def _block_major(matrix: torch.Tensor, block_size: int) -> torch.Tensor:
 class SparseLinear(nn.Module):
     """A linear layer whose only trainable values are a set of ``l x l`` weight blocks.
 
-    Args:
-        in_features: Size of each input sample.
-        out_features: Size of each output sample.
-        block_index: ``[nb, 2]`` integer tensor of (row-block, column-block) coordinates. The
-            layer keeps them sorted column-major (by column-block, then row-block), and
-            ``blocks[k]`` is the block at ``block_index[k]``.
-        block_size: Side ``l`` of the blocks; must divide both features.
-        bias: Whether the layer has a (frozen) bias.
-        blocks_dtype: dtype of the trainable blocks (default: the weight's dtype).
-        name: Module name used in error messages.
+    Made from an existing ``nn.Linear`` with ``SparseLinear.from_linear`` (``apply_smt`` does it
+    for a whole model). ``block_index`` (``[nb, 2]``, row-block and column-block) is kept sorted
+    column-major (by column-block, then row-block), the one block order used everywhere: in
+    selections, adapters and optimizer state; ``blocks[k]`` is the block at ``block_index[k]``.
     """
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        block_index: torch.Tensor,
-        *,
-        block_size: int,
-        bias: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        blocks_dtype: torch.dtype | None = None,
-        name: str = "SparseLinear",
-    ) -> None:
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.block_size = block_size
-        self.name = name
-        weight = torch.empty(out_features, in_features, device=device, dtype=dtype)
-        nn.init.kaiming_uniform_(weight, a=5**0.5)
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = (
-            nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
-            if bias
-            else None
-        )
-        self._init_blocks(block_index, blocks_dtype or self.weight.dtype)
 
     @classmethod
     def from_linear(
@@ -160,6 +170,10 @@ class SparseLinear(nn.Module):
         )
         self._register_derived_index()
         self.register_load_state_dict_post_hook(lambda module, _: module._register_derived_index())
+        self.save_input = False
+        """Keep the whole input for backward, by reference, instead of a copy of the column-blocks
+        the blocks read. Modules that read one input (q, k, v) then keep it once between them;
+        ``apply_smt`` sets it where that costs less (``smt_dist.model.shared_input_rule``)."""
 
     def _register_derived_index(self) -> None:
         """Index tensors the autograd function needs, derived from ``block_index``."""
@@ -184,6 +198,11 @@ class SparseLinear(nn.Module):
         """
         n_rows, n_cols = block_grid(shape, block_size, name=name)
         return _checked_index(block_index, n_rows, n_cols, name=name)
+
+    @property
+    def column_coverage(self) -> float:
+        """Share of the input's column-blocks that the selected blocks read (what a copy keeps)."""
+        return len(self._saved_cols) / (self.in_features // self.block_size)
 
     @property
     def num_blocks(self) -> int:
@@ -212,7 +231,12 @@ class SparseLinear(nn.Module):
                 self._cols,
                 self._saved_cols,
                 self._col_slot,
-                self._cols_distinct,
+                _Plan(
+                    cols_distinct=self._cols_distinct,
+                    save_input=self.save_input,
+                    merged=self.num_blocks * self.block_size**2
+                    >= MERGE_AREA * self.in_features * self.out_features,
+                ),
             )
         return y.view(*leading, self.out_features)
 

@@ -75,7 +75,7 @@ def apply_smt(
     Args:
         model: The model; its parameters are frozen and targets are swapped for ``SparseLinear``.
         selection: Blocks to train (from ``select_blocks`` or a loaded adapter).
-        config: The SMT config; kept on the model as ``model.smt_config`` for adapters.
+        config: The SMT config (block size, and which modules share their input).
         blocks_dtype: dtype of the trainable blocks (default: each weight's dtype).
 
     Returns:
@@ -100,8 +100,32 @@ def apply_smt(
             linear, index, block_size=config.block_size, blocks_dtype=blocks_dtype, name=name
         )
         _replace_module(model, name, sparse)
-    model.smt_config = config
+    share_inputs(model, config)
     return model
+
+
+def share_inputs(model: nn.Module, config: SMTConfig) -> None:
+    """Decide, per ``SparseLinear``, whether it keeps its whole input or a copy of its columns.
+
+    The rule: siblings (one parent module, last name components in one group of
+    ``config.shared_input_groups``) read the same input tensor. Copies of the column-blocks they
+    read cost the sum of their column coverages times the input; keeping the input itself, by
+    reference, costs it once whatever the number of readers. So when the coverages of the
+    selected siblings sum to at least 1, every one of them keeps the input (once, between them);
+    otherwise each keeps its copy. A module outside every group is its own group (it keeps the
+    input only when its blocks read every column). Modules without selected blocks keep nothing.
+    """
+    groups: dict[tuple[str, object], list[SparseLinear]] = {}
+    for name, module in smt_modules(model).items():
+        parent, _, leaf = name.rpartition(".")
+        group = next(
+            (i for i, patterns in enumerate(config.shared_input_groups) if name_matches(leaf, patterns)), leaf
+        )
+        groups.setdefault((parent, group), []).append(module)
+    for members in groups.values():
+        keep_input = sum(m.column_coverage for m in members) >= 1
+        for module in members:
+            module.save_input = keep_input
 
 
 def merge_smt(model: nn.Module) -> nn.Module:
@@ -111,8 +135,6 @@ def merge_smt(model: nn.Module) -> nn.Module:
     """
     for name, sparse in smt_modules(model).items():
         _replace_module(model, name, sparse.to_linear())
-    if hasattr(model, "smt_config"):
-        del model.smt_config
     return model
 
 

@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from smt_dist import SparseLinear
+import smt_dist.layer as layer_module
+from smt_dist import BlockSelection, SMTConfig, SparseLinear, apply_smt
 from smt_dist.blocks import block_mask, gather_blocks
+from smt_dist.model import smt_modules
 
 # fp32: both sides do the same products in a different summation order (dense matmul vs.
 # matmul + block correction), so they agree to a few ulps of the largest term; 1e-5 relative.
@@ -73,16 +75,22 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("merge_area", [0.0, 2.0])  # every layer merged / none
+@pytest.mark.parametrize("save_input", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize(("out_f", "in_f", "l", "nb", "lead"), CASES)
-def test_matches_dense_autograd_fp32(out_f, in_f, l, nb, lead, bias):
+def test_matches_dense_autograd_fp32(out_f, in_f, l, nb, lead, bias, save_input, merge_area, monkeypatch):
+    monkeypatch.setattr(layer_module, "MERGE_AREA", merge_area)
     layer = random_layer(out_f, in_f, l, nb, bias=bias, seed=out_f + in_f + nb)
+    layer.save_input = save_input
     x = torch.randn(*lead, in_f, requires_grad=True)
     assert_matches_dense_fp32(layer, x, layer(x))
     assert layer.weight.grad is None and (layer.bias is None or layer.bias.grad is None)
 
 
-def test_matches_dense_autograd_bf16():
+@pytest.mark.parametrize("merge_area", [0.0, 2.0])
+def test_matches_dense_autograd_bf16(merge_area, monkeypatch):
+    monkeypatch.setattr(layer_module, "MERGE_AREA", merge_area)
     layer = random_layer(64, 96, 16, 7, dtype=torch.bfloat16)
     x = torch.randn(3, 5, 96, dtype=torch.bfloat16, requires_grad=True)
     y = layer(x)
@@ -110,8 +118,10 @@ def test_autocast_bf16_keeps_fp32_grads():
     assert_close_bf16(layer.blocks.grad, gb_ref)
 
 
-def test_under_non_reentrant_checkpoint():
+@pytest.mark.parametrize("save_input", [False, True])
+def test_under_non_reentrant_checkpoint(save_input):
     layer = random_layer(48, 64, 16, 5)
+    layer.save_input = save_input
     plain = copy.deepcopy(layer)
     x = torch.randn(2, 7, 64, requires_grad=True)
     y = checkpoint(lambda t: torch.tanh(layer(t)), x, use_reentrant=False)
@@ -130,7 +140,9 @@ def test_no_input_gradient_when_input_needs_none():
     assert x.grad is None and layer.blocks.grad is not None
 
 
-def test_never_writes_the_frozen_weight():
+@pytest.mark.parametrize("merge_area", [0.0, 2.0])
+def test_never_writes_the_frozen_weight(merge_area, monkeypatch):
+    monkeypatch.setattr(layer_module, "MERGE_AREA", merge_area)
     layer = random_layer(32, 64, 16, 4)
     before = layer.weight.detach().clone()
     x = torch.randn(3, 64, requires_grad=True)
@@ -143,20 +155,24 @@ def test_never_writes_the_frozen_weight():
     assert torch.equal(layer.weight, before)
 
 
-def _saved_activation_bytes(layer: SparseLinear, x: torch.Tensor) -> int:
-    """Bytes packed for backward, excluding the module's own parameters and buffers."""
-    state = {t.data_ptr() for t in [*layer.parameters(), *layer.buffers()]}
-    total = 0
+def _saved_activation_bytes(layer: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages packed for backward, the module's own state excluded.
+
+    Counted by storage, not by saved tensor: several modules keeping one input by reference
+    hold its memory once.
+    """
+    state = {t.untyped_storage().data_ptr() for t in [*layer.parameters(), *layer.buffers()]}
+    storages = {}
 
     def pack(t):
-        nonlocal total
-        if t.data_ptr() not in state:
-            total += t.numel() * t.element_size()
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in state:
+            storages[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         layer(x).sum()
-    return total
+    return sum(storages.values())
 
 
 def test_saved_bytes_scale_with_distinct_column_blocks():
@@ -203,3 +219,51 @@ def test_trainable_base_weight_is_refused():
     layer.weight.requires_grad_(True)
     with pytest.raises(RuntimeError, match="SMT trains only its blocks"):
         layer(torch.randn(2, 16))
+
+
+class _Attention(nn.Module):
+    """q, k and v reading one input, as in a decoder layer (GQA: k and v are narrower)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(64, 64), nn.Linear(64, 32), nn.Linear(64, 32)
+
+    def forward(self, x):
+        return self.q_proj(x).sum() + self.k_proj(x).sum() + self.v_proj(x).sum()
+
+
+@pytest.mark.parametrize(
+    ("columns", "shared"),
+    [
+        ({"q_proj": [0, 1, 2], "k_proj": [3], "v_proj": [0]}, True),  # coverage 3/4 + 1/4 + 1/4 >= 1
+        ({"q_proj": [0], "k_proj": [1], "v_proj": [1]}, False),  # 3/4 of the input in copies
+        ({"q_proj": [0, 1, 2, 3]}, True),  # alone, but reading every column
+    ],
+)
+def test_siblings_keep_their_input_once_when_copies_would_cost_more(columns, shared):
+    tokens, l = 10, 16
+    model = nn.Sequential()
+    model.add_module("attn", _Attention())
+    reference = copy.deepcopy(model)
+    config = SMTConfig(block_size=l, num_blocks=1, target_modules=("q_proj", "k_proj", "v_proj"))
+    selection = BlockSelection(
+        block_size=l,
+        blocks={f"attn.{name}": torch.tensor([[0, c] for c in cols]) for name, cols in columns.items()},
+    )
+    apply_smt(model, selection, config)
+    assert {m.save_input for m in smt_modules(model).values()} == {shared}
+    x = torch.randn(tokens, 64, requires_grad=True)
+    copies = sum(len(cols) for cols in columns.values()) * tokens * l * 4
+    expected = tokens * 64 * 4 if shared else copies
+    assert _saved_activation_bytes(model, x) == expected
+    assert expected <= copies  # the rule never keeps more than the copies would
+    # Where each module keeps its activation changes no value.
+    model(x).backward()
+    apply_smt(reference, selection, config)
+    for module in smt_modules(reference).values():
+        module.save_input = not shared
+    x2 = x.detach().clone().requires_grad_(True)
+    reference(x2).backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=0, atol=0)
+    for (name, a), b in zip(smt_modules(model).items(), smt_modules(reference).values(), strict=True):
+        assert torch.equal(a.blocks.grad, b.blocks.grad), name

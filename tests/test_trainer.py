@@ -40,9 +40,9 @@ def test_trainer_with_block_sharded_adamw_matches_torch_adamw(tmp_path):
         tmp_path / "ours", lambda p: BlockShardedAdamW(p, lr=1e-3, weight_decay=0.1)
     )
     theirs, their_losses = run_trainer(
-        tmp_path / "torch", lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1)
+        tmp_path / "torch", lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1, fused=True)
     )
     assert len(our_losses) == 6 and our_losses == their_losses
     for got, want, before in zip(ours, theirs, start, strict=True):
-        assert torch.equal(got, want)  # one process: the same AdamW arithmetic, bit for bit
+        assert torch.equal(got, want)  # one process: the same fused AdamW kernel, bit for bit
         assert not torch.equal(got, before)

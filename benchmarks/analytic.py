@@ -21,8 +21,12 @@ tables in ``docs/performance.md`` are printed by this file. Assumptions, stated 
   al. (2022) with flash attention: ``34 h`` bytes per token and layer in bf16 for full
   fine-tuning; a frozen linear does not keep its input, which saves the inputs of q/k/v (shared),
   o, gate/up (shared) and down: ``2 (3 h + i)`` bytes (``i`` the MLP width). SMT keeps, per
-  target, the input column-blocks its selected blocks read (``column_coverage``, an upper
-  bound); LoRA keeps the targets' input once and the rank-``r`` intermediates.
+  layer, the share of the q/k/v input its selected blocks read, at most the input once (siblings
+  keep it by reference when their copies would cost more): ``2 h`` times ``MEASURED_KEPT``, what a
+  real warm-up selection on the 1B shape keeps (``benchmarks/qkv_coverage.py``). LoRA keeps the
+  targets' input once and the rank-``r`` intermediates. With gradient checkpointing every method
+  keeps each layer's input (``2 h``) and one layer's activations at a time.
+- LoRA is compared at the rank whose trainable count equals SMT's (``lora_rank_for``).
 """
 
 from __future__ import annotations
@@ -107,7 +111,8 @@ def step_flops(
     return tokens * (floor + extra)
 
 
-def trainable(shape: Shape, method: str, *, fraction: float = 0.01, rank: int = 16) -> int:
+def trainable(shape: Shape, method: str, *, fraction: float = 0.01, rank: int | None = None) -> int:
+    rank = lora_rank_for(shape, fraction) if rank is None else rank
     if method == "full":
         return shape.total_params
     if method == "smt":
@@ -118,27 +123,41 @@ def trainable(shape: Shape, method: str, *, fraction: float = 0.01, rank: int = 
     raise ValueError(method)
 
 
-def activation_bytes_per_token(shape: Shape, method: str, *, fraction: float = 0.01, rank: int = 16) -> float:
-    full = 34 * shape.hidden * shape.layers
+# Share of a layer's q/k/v input that SMT keeps for backward, averaged over layers, measured by
+# `python benchmarks/qkv_coverage.py --size 1b` (mean_abs warm-up of 4 x 512 random tokens on the
+# randomly initialised 1B shape, l = 256; benchmarks/results/coverage_1b.json), per budget.
+MEASURED_KEPT = {0.005: 0.0625, 0.01: 0.0625, 0.02: 0.1640625, 0.05: 0.6171875}
+
+
+def lora_rank_for(shape: Shape, fraction: float) -> int:
+    """The LoRA rank on q, k, v whose trainable count equals SMT's at ``fraction``."""
+    return max(
+        1, round(fraction * shape.total_params / (shape.layers * sum(i + o for i, o in shape.qkv_per_layer)))
+    )
+
+
+def activation_bytes_per_token(
+    shape: Shape,
+    method: str,
+    *,
+    fraction: float = 0.01,
+    rank: int = 16,
+    checkpointing: bool = False,
+    kept: float | None = None,
+) -> float:
+    """Activation bytes per token kept for backward (bf16), all layers; ``kept`` overrides the measurement."""
+    per_layer_full = 34 * shape.hidden
+    frozen_inputs = 2 * (3 * shape.hidden + shape.mlp)
     if method == "full":
-        return full
-    frozen_inputs = 2 * (3 * shape.hidden + shape.mlp) * shape.layers
-    kept = full - frozen_inputs
-    if method == "smt":  # selected column-blocks of the q/k/v inputs, each module its own copy
-        return kept + 2 * 3 * shape.hidden * shape.layers * column_coverage(shape, fraction)
-    return kept + 2 * shape.layers * (shape.hidden + 3 * rank)  # LoRA/DoRA: shared input + r-dim outputs
-
-
-def column_coverage(shape: Shape, fraction: float, *, block: int = 256) -> float:
-    """Upper bound on the share of a target's input columns that its selected blocks read.
-
-    The budget ``fraction`` of all parameters spread over q, k, v selects a share of each
-    target's blocks; every selected block reads one column-block, and a column-block read by
-    several rows is kept once, so at most ``min(1, share * rows)`` of the columns are kept.
-    """
-    targets = shape.layers * sum(i * o for i, o in shape.qkv_per_layer)
-    share = fraction * shape.total_params / targets
-    return min(1.0, share * shape.hidden / block)
+        per_layer = per_layer_full
+    elif method == "smt":  # the kept share of the q/k/v input, at most the input once
+        share = MEASURED_KEPT[fraction] if kept is None else kept
+        per_layer = per_layer_full - frozen_inputs + 2 * shape.hidden * share
+    else:  # LoRA/DoRA: the shared input of q, k, v and the r-dim outputs of A
+        per_layer = per_layer_full - frozen_inputs + 2 * (shape.hidden + 3 * rank)
+    if checkpointing:  # each layer's input, and one layer recomputed at a time
+        return 2 * shape.hidden * shape.layers + per_layer
+    return per_layer * shape.layers
 
 
 def memory_per_gpu(
@@ -149,9 +168,11 @@ def memory_per_gpu(
     world: int = 8,
     tokens_per_gpu: int = 4096,
     fraction: float = 0.01,
-    rank: int = 16,
+    rank: int | None = None,
+    checkpointing: bool = False,
 ) -> dict[str, float]:
-    """GiB per GPU: weights, gradients, optimizer states, activations, total."""
+    """GiB per GPU: weights, gradients, optimizer states, activations, total (LoRA at SMT's count)."""
+    rank = lora_rank_for(shape, fraction) if rank is None else rank
     weights = 2 * shape.total_params
     train = trainable(shape, method, fraction=fraction, rank=rank)
     grads = 2 * train
@@ -170,31 +191,39 @@ def memory_per_gpu(
     else:
         raise ValueError(stage)
     parts["activations"] = tokens_per_gpu * activation_bytes_per_token(
-        shape, method, fraction=fraction, rank=rank
+        shape, method, fraction=fraction, rank=rank, checkpointing=checkpointing
     )
     parts["total"] = sum(parts.values())
     return {k: v / 2**30 for k, v in parts.items()}
 
 
-def memory_table(shape: Shape, *, world: int = 8, tokens_per_gpu: int = 4096) -> str:
-    """Markdown table of per-GPU memory for each method and ZeRO stage."""
+def memory_table(shape: Shape, *, world: int = 8, tokens_per_gpu: int = 4096, fraction: float = 0.01) -> str:
+    """Markdown table of per-GPU memory for each method, ZeRO stage and checkpointing setting."""
+    rank = lora_rank_for(shape, fraction)
     rows = [
-        f"{shape.name}, {world} GPUs, {tokens_per_gpu} tokens per GPU per micro-batch, bf16 weights, fp32 AdamW states",
+        f"{shape.name}, {world} GPUs, {tokens_per_gpu} tokens per GPU per micro-batch, bf16 weights, fp32 AdamW "
+        f"states; SMT at {fraction:.0%}, LoRA on q, k, v at rank {rank} (the same trainable count)",
         "",
-        "| stage | method | trainable | weights | grads | Adam | activations | total GiB | vs full |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| stage | checkpointing | method | trainable | weights | grads | Adam | activations | total GiB "
+        "| vs full | vs LoRA |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for stage in ("zero2", "zero3", "zero3_offload"):
-        full_total = memory_per_gpu(shape, "full", stage=stage, world=world, tokens_per_gpu=tokens_per_gpu)[
-            "total"
-        ]
-        for method in ("full", "lora", "smt"):
-            m = memory_per_gpu(shape, method, stage=stage, world=world, tokens_per_gpu=tokens_per_gpu)
-            share = 100 * trainable(shape, method) / shape.total_params
-            rows.append(
-                f"| {stage} | {method} | {share:.2f}% | {m['weights']:.1f} | {m['gradients']:.2f} | "
-                f"{m['optimizer']:.2f} | {m['activations']:.1f} | {m['total']:.1f} | {m['total'] / full_total:.2f} |"
+        for checkpointing in (False, True):
+            kwargs = dict(
+                stage=stage, world=world, tokens_per_gpu=tokens_per_gpu, checkpointing=checkpointing
             )
+            totals = {
+                m: memory_per_gpu(shape, m, fraction=fraction, **kwargs)["total"] for m in ("full", "lora")
+            }
+            for method in ("full", "lora", "smt"):
+                m = memory_per_gpu(shape, method, fraction=fraction, **kwargs)
+                share = 100 * trainable(shape, method, fraction=fraction) / shape.total_params
+                rows.append(
+                    f"| {stage} | {'on' if checkpointing else 'off'} | {method} | {share:.2f}% | "
+                    f"{m['weights']:.1f} | {m['gradients']:.2f} | {m['optimizer']:.2f} | {m['activations']:.1f} | "
+                    f"{m['total']:.1f} | {m['total'] / totals['full']:.2f} | {m['total'] / totals['lora']:.3f} |"
+                )
     return "\n".join(rows)
 
 
@@ -259,14 +288,14 @@ def job_phase_memory(
     grads = 2 * trainable_params / world
     adam = 12 * trainable_params / world
     logits = 8 * shape.vocab * tokens
-    if checkpointing:
-        train_acts = tokens * (2 * h * shape.layers + 34 * h)
-        warm_acts = train_acts
-    else:
-        train_acts = tokens * activation_bytes_per_token(shape, "smt", fraction=fraction)
-        frozen = tokens * (activation_bytes_per_token(shape, "full") - 2 * (3 * h + shape.mlp) * shape.layers)
-        kept_inputs = 2 * 2 * h * shape.layers * tokens if score == "mean_abs" else 0.0
-        warm_acts = frozen + kept_inputs
+    train_acts = tokens * activation_bytes_per_token(
+        shape, "smt", fraction=fraction, checkpointing=checkpointing
+    )
+    # The warm-up keeps what training keeps around frozen layers, plus (mean_abs) each target's
+    # whole input: q/k/v share one, o_proj has its own. abs_mean keeps only column-block sums.
+    warm_acts = tokens * activation_bytes_per_token(
+        shape, "smt", fraction=fraction, checkpointing=checkpointing, kept=2.0 if score == "mean_abs" else 0.0
+    )
     base_gpu = 0.0 if offload else part
     adam_gpu = 0.0 if engine == "zero3_offload" else adam
     gpu = {

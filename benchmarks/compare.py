@@ -8,9 +8,10 @@ Every method runs in its own process (so its peak memory is its own) on the same
 model built from a config, the same batch and the same thread count: full fine-tuning with
 ``torch.optim.AdamW``; LoRA and DoRA from ``peft`` on q, k, v at the rank whose trainable count
 matches SMT at 1%; SMT at 0.5/1/2/5% of the model's parameters with blocks chosen by real warm-up
-scoring; and the warm-up phase alone. A step is forward + backward + optimizer step; the first
-``--warmup-steps`` are not timed. Prints a table of ratios and writes JSON (and, with
-``--plots``, two PNGs).
+scoring; and the warm-up alone, once per score (time per micro-batch). A step is forward +
+backward + optimizer step; the first ``--warmup-steps`` are not timed. Each method also reports the
+activation bytes it keeps for backward (distinct storages packed by saved-tensor hooks, its
+parameters excluded). Prints a table of ratios and writes JSON (and, with ``--plots``, two PNGs).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from qkv_coverage import column_coverage
 from shapes import SIZES, build_llama, random_batches
 
 SMT_RATIOS = (0.005, 0.01, 0.02, 0.05)
@@ -51,6 +53,23 @@ def lora_rank(size: str, trainable: int) -> int:
     return max(1, round(trainable / per_rank))
 
 
+def saved_activation_bytes(model: torch.nn.Module, batch: dict) -> int:
+    """Bytes of the distinct storages autograd keeps for backward in one forward, parameters excluded."""
+    state = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in state:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch).loss
+    del loss
+    return sum(storages.values())
+
+
 def run_method(args) -> dict:
     """One method in this process."""
     import peft  # noqa: F401 - imported by every method so library memory is the same in each
@@ -65,21 +84,32 @@ def run_method(args) -> dict:
     )
 
     torch.set_num_threads(args.threads)
-    model = build_llama(args.size, args.device)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model = build_llama(args.size, args.device).to(dtype)
     total = count_parameters(model)
     loaded = peak_bytes(args.device)
     block = args.block_size
-    config = SMTConfig(block_size=block, ratio=0.01, warmup_steps=args.smt_warmup, target_modules=TARGETS)
     method, steps = args.method, args.warmup_steps + args.steps
-    if method == "warmup":
+    if method.startswith("warmup"):
+        score = method.split("-", 1)[1]
+        config = SMTConfig(
+            block_size=block, ratio=0.01, warmup_steps=args.smt_warmup, target_modules=TARGETS, score=score
+        )
+        if args.warmup_steps:  # untimed, as for the training methods
+            untimed = SMTConfig(**{**config.to_dict(), "warmup_steps": args.warmup_steps})
+            collect_block_scores(model, batches(args, args.warmup_steps), untimed)
+        sync(args.device)
         start = time.perf_counter()
         scores = collect_block_scores(model, batches(args, args.smt_warmup), config)
+        sync(args.device)
         elapsed = time.perf_counter() - start
-        torch.save({name: s.cpu() for name, s in scores.items()}, args.scores)
+        if score == "mean_abs":  # the paper's score selects the blocks of every SMT budget below
+            torch.save({name: s.cpu() for name, s in scores.items()}, args.scores)
         return {
             "method": method,
             "trainable": 0,
             "median_step_s": elapsed / args.smt_warmup,
+            "tokens_per_s": args.batch * args.seq * args.smt_warmup / elapsed,
             "peak_bytes": peak_bytes(args.device),
             "loaded_bytes": loaded,
             "total_params": total,
@@ -92,6 +122,7 @@ def run_method(args) -> dict:
         )
         selection = select_blocks(scores, config, total_params=total)
         apply_smt(model, BlockSelection(block_size=block, blocks=selection.blocks), config)
+        coverage = column_coverage(model)
     elif method in ("lora", "dora"):
         from peft import LoraConfig, get_peft_model
 
@@ -110,18 +141,16 @@ def run_method(args) -> dict:
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     times = []
     for i, batch in enumerate(batches(args, steps)):
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync(args.device)
         start = time.perf_counter()
         model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync(args.device)
         if i >= args.warmup_steps:
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    return {
+    result = {
         "method": method,
         "trainable": sum(p.numel() for p in params),
         "median_step_s": median,
@@ -129,7 +158,16 @@ def run_method(args) -> dict:
         "peak_bytes": peak_bytes(args.device),
         "loaded_bytes": loaded,
         "total_params": total,
+        "saved_activation_bytes": saved_activation_bytes(model, next(iter(batches(args, 1)))),
     }
+    if method.startswith("smt"):
+        result["coverage"] = coverage
+    return result
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def calibrate(threads: int) -> dict[str, float]:
@@ -172,10 +210,14 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--block-size", type=int, default=None, help="default: 256, or 64 below 119m")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per method")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="interleaved rounds of every method; medians over them"
+    )
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first")
     parser.add_argument("--smt-warmup", type=int, default=4, help="SMT warm-up micro-batches")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="models and training in bf16 (GPU)")
     parser.add_argument("--plots", type=Path, default=None, help="directory for the two PNG plots")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/compare.json"))
     parser.add_argument("--method", help=argparse.SUPPRESS)
@@ -220,6 +262,8 @@ def main() -> None:
                 "device",
             ):
                 argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+            if args.bf16:
+                argv.append("--bf16")
             out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
             result = json.loads(out.strip().splitlines()[-1])
             print(
@@ -228,13 +272,32 @@ def main() -> None:
             )
             return result
 
-        results["warmup"] = child("warmup")
-        results["full"] = child("full")
-        for ratio in SMT_RATIOS:
-            results[f"smt-{ratio * 100:g}"] = child(f"smt-{ratio * 100:g}")
-        rank = lora_rank(args.size, results["smt-1"]["trainable"])
-        results["lora"] = child("lora", rank)
-        results["dora"] = child("dora", rank)
+        # Rounds interleave the methods, so a slow spell of the machine hits every method alike;
+        # each method's figures are its medians over the rounds.
+        rounds: dict[str, list[dict]] = {}
+        rank = None
+        for round_ in range(args.rounds):
+            if args.rounds > 1:
+                print(f"round {round_ + 1} of {args.rounds}", flush=True)
+            for method in (
+                "warmup-mean_abs",
+                "warmup-abs_mean",
+                "full",
+                *(f"smt-{r * 100:g}" for r in SMT_RATIOS),
+            ):
+                rounds.setdefault(method, []).append(child(method))
+            if rank is None:
+                rank = lora_rank(args.size, rounds["smt-1"][0]["trainable"])
+            for method in ("lora", "dora"):
+                rounds.setdefault(method, []).append(child(method, rank))
+        for method, runs in rounds.items():
+            results[method] = {
+                key: statistics.median(run[key] for run in runs)
+                if isinstance(runs[0][key], (int, float))
+                else runs[0][key]
+                for key in runs[0]
+            }
+            results[method]["rounds"] = [run["median_step_s"] for run in runs]
 
     machine = calibrate(args.threads)
     for method, result in results.items():
@@ -249,26 +312,37 @@ def main() -> None:
         result["added_bytes"] = result["peak_bytes"] - result["loaded_bytes"]  # what the method adds
         result["added_vs_full"] = result["added_bytes"] / (full["peak_bytes"] - full["loaded_bytes"])
         result["added_vs_lora"] = result["added_bytes"] / (lora["peak_bytes"] - lora["loaded_bytes"])
+        if "saved_activation_bytes" in result:
+            result["saved_vs_lora"] = result["saved_activation_bytes"] / lora["saved_activation_bytes"]
     smt_times = [results[f"smt-{r * 100:g}"]["median_step_s"] for r in SMT_RATIOS]
     summary = {
         "lora_rank": rank,
         "smt_time_growth_0.5_to_5": smt_times[-1] / smt_times[0],
-        "warmup_vs_smt1_memory": results["warmup"]["peak_bytes"] / results["smt-1"]["peak_bytes"],
+        "warmup_vs_smt1_memory": results["warmup-mean_abs"]["peak_bytes"] / results["smt-1"]["peak_bytes"],
+        "warmup_vs_smt1_time": {
+            score: results[f"warmup-{score}"]["median_step_s"] / results["smt-1"]["median_step_s"]
+            for score in ("mean_abs", "abs_mean")
+        },
+        "smt1_coverage": results["smt-1"]["coverage"],
     }
     print(
         f"\n{args.size} Llama ({full['total_params']:,} parameters), batch {args.batch} x {args.seq}, "
         f"{args.threads} threads, {args.device}, l={args.block_size}, LoRA/DoRA rank {rank}"
     )
     print(
-        f"{'method':10} {'trainable %':>11} {'s/step':>8} {'/full':>7} {'/LoRA':>7} {'peak GiB':>9} {'/full':>7} "
-        f"{'/LoRA':>7} {'added GiB':>10} {'/full':>7} {'/LoRA':>7}"
+        f"{'method':16} {'trainable %':>11} {'s/step':>8} {'/full':>7} {'/LoRA':>7} {'peak GiB':>9} {'/full':>7} "
+        f"{'/LoRA':>7} {'added GiB':>10} {'/full':>7} {'/LoRA':>7} {'saved MiB':>10} {'/LoRA':>7}"
     )
     for name, r in results.items():
+        saved = r.get("saved_activation_bytes")
+        saved_cells = (
+            f"{saved / 2**20:10.1f} {r['saved_vs_lora']:7.3f}" if saved is not None else f"{'-':>10} {'-':>7}"
+        )
         print(
-            f"{name:10} {r['trainable_percent']:11.3f} {r['median_step_s']:8.3f} {r['time_vs_full']:7.3f} "
+            f"{name:16} {r['trainable_percent']:11.3f} {r['median_step_s']:8.3f} {r['time_vs_full']:7.3f} "
             f"{r['time_vs_lora']:7.3f} {r['peak_bytes'] / 2**30:9.3f} {r['memory_vs_full']:7.3f} "
             f"{r['memory_vs_lora']:7.3f} {r['added_bytes'] / 2**30:10.3f} {r['added_vs_full']:7.3f} "
-            f"{r['added_vs_lora']:7.3f}"
+            f"{r['added_vs_lora']:7.3f} {saved_cells}"
         )
     print(
         f"analytic prediction ({machine['gflops']:.0f} GFLOP/s GEMM, {machine['copy_gbps']:.1f} GB/s copy):"
@@ -280,7 +354,14 @@ def main() -> None:
             )
     print(
         f"SMT step time 5% / 0.5%: {summary['smt_time_growth_0.5_to_5']:.3f}; "
-        f"warm-up peak / SMT-1% peak: {summary['warmup_vs_smt1_memory']:.3f}"
+        f"warm-up (mean_abs) peak / SMT-1% peak: {summary['warmup_vs_smt1_memory']:.3f}; warm-up time per "
+        "micro-batch / SMT-1% step: "
+        + ", ".join(f"{score} {ratio:.3f}" for score, ratio in summary["warmup_vs_smt1_time"].items())
+    )
+    coverage = summary["smt1_coverage"]
+    print(
+        f"SMT-1% q/k/v input per layer: {coverage['copies']:.3f} in separate copies, {coverage['kept']:.3f} "
+        f"kept with sharing; {coverage['layers_with_blocks']:.2f} of the layers have blocks"
     )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     report = {
@@ -288,7 +369,7 @@ def main() -> None:
         "results": results,
         "summary": summary,
         "machine": machine,
-        "title": f"{args.size} Llama, batch {args.batch} x {args.seq}, {args.device}",
+        "title": f"{args.size} Llama, batch {args.batch} x {args.seq}, {args.device}{', bf16' if args.bf16 else ''}",
     }
     args.json.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.json}")

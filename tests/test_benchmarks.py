@@ -45,10 +45,25 @@ def test_compare_runs_every_method(tmp_path):
     )
     report = json.loads(out.read_text())
     results = report["results"]
-    assert set(results) == {"warmup", "full", "smt-0.5", "smt-1", "smt-2", "smt-5", "lora", "dora"}
+    assert set(results) == {
+        "warmup-mean_abs",
+        "warmup-abs_mean",
+        "full",
+        "smt-0.5",
+        "smt-1",
+        "smt-2",
+        "smt-5",
+        "lora",
+        "dora",
+    }
     for name, r in results.items():
         assert r["time_vs_full"] == pytest.approx(r["median_step_s"] / results["full"]["median_step_s"]), name
         assert r["memory_vs_lora"] == pytest.approx(r["peak_bytes"] / results["lora"]["peak_bytes"]), name
+        if not name.startswith("warmup"):
+            saved = r["saved_activation_bytes"] / results["lora"]["saved_activation_bytes"]
+            assert r["saved_vs_lora"] == pytest.approx(saved) and r["saved_activation_bytes"] > 0, name
+    coverage = results["smt-1"]["coverage"]
+    assert 0 < coverage["kept"] <= min(1.0, coverage["copies"]) + 1e-9
     smt = [results[f"smt-{p}"]["trainable"] for p in ("0.5", "1", "2", "5")]
     assert smt == sorted(smt) and smt[0] > 0
     assert (

@@ -28,13 +28,14 @@ class BlockSelection:
 
     blocks: dict[str, torch.Tensor]
     """Module name to ``[nb, 2]`` int64 (row-block, column-block), ``nb >= 1``; stored sorted
-    row-major whatever order it was given in, so equal selections compare and hash equal."""
+    column-major (by column-block, then row-block; ``SparseLinear``'s order) whatever order it was
+    given in, so equal selections compare and hash equal."""
 
     def __post_init__(self) -> None:
         canonical = {}
         for name in sorted(self.blocks):
             index = torch.as_tensor(self.blocks[name]).to("cpu", torch.int64).reshape(-1, 2)
-            key = index[:, 0] * (int(index[:, 1].max()) + 1 if len(index) else 1) + index[:, 1]
+            key = index[:, 1] * (int(index[:, 0].max()) + 1 if len(index) else 1) + index[:, 0]
             canonical[name] = index[torch.argsort(key)]
         object.__setattr__(self, "blocks", canonical)
 

@@ -34,7 +34,7 @@ def base_and_adapter(tmp_path):
         for param in model.parameters():
             if param.requires_grad:
                 param.normal_(0, 0.1, generator=torch.Generator().manual_seed(5))
-    save_smt_adapter(model, tmp_path / "adapter")
+    save_smt_adapter(model, tmp_path / "adapter", config=config)
     return base, tmp_path / "adapter"
 
 

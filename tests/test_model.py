@@ -56,7 +56,7 @@ def test_step_changes_only_selected_blocks_and_merge_and_adapter_reproduce(famil
 
     with torch.no_grad():
         trained = model(**batch).logits
-    save_smt_adapter(model, tmp_path / "adapter")
+    save_smt_adapter(model, tmp_path / "adapter", config=config)
 
     merged = merge_smt(model)
     assert not any(isinstance(m, SparseLinear) for m in merged.modules())

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -83,10 +84,28 @@ def resolve_config(
 ) -> dict[str, Any]:
     """Fill ``"auto"`` and missing batch/precision keys from the run's arguments; refuse conflicts.
 
-    Raises ``ValueError`` for a value that contradicts the command line, for fp16 on DeepSpeed's
-    CPU accelerator (it supports fp32 and bf16 only), and for a ZeRO stage outside 0-3.
+    The result is checked with DeepSpeed's own config model. Raises ``ValueError`` (one sentence)
+    for a section or value of the wrong type, a value that contradicts the command line, an
+    ``optimizer``/``scheduler`` section (the job builds AdamW and its schedule from the command
+    line), precision that disagrees with ``--bf16``, fp16 on DeepSpeed's CPU accelerator (it
+    supports fp32 and bf16 only), and a ZeRO stage outside 0-3.
     """
     config = json.loads(json.dumps(config))  # a deep copy the caller's dict never sees
+    for section, example in (
+        ("fp16", '{"enabled": true}'),
+        ("bf16", '{"enabled": true}'),
+        ("zero_optimization", '{"stage": 2}'),
+    ):
+        if section in config and not isinstance(config[section], dict):
+            raise ValueError(
+                f'The DeepSpeed config\'s "{section}" must be an object such as {example}, got {config[section]!r}.'
+            )
+    for section in ("optimizer", "scheduler"):
+        if section in config:
+            raise ValueError(
+                f'The DeepSpeed config has an "{section}" section, which the job does not use: it builds '
+                "AdamW and its schedule from --learning_rate, --weight_decay and --lr_scheduler_type; remove it."
+            )
     wanted = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps,
@@ -97,27 +116,49 @@ def resolve_config(
         given = config.get(key, "auto")
         if given == "auto":
             config[key] = value
-        elif given != value:
+            continue
+        if isinstance(given, bool) or not isinstance(given, (int, float)):
+            raise ValueError(f'The DeepSpeed config sets {key}={given!r}; it must be a number or "auto".')
+        if given != value:
             raise ValueError(
                 f"The DeepSpeed config sets {key}={given} but the command line implies {value}; "
                 f'set it to "auto" or make them agree.'
             )
-    fp16 = config.get("fp16", {}).get("enabled", False)
-    if fp16 is True and on_cpu():
+    bf16_section = config.setdefault("bf16", {})
+    if bf16_section.get("enabled", "auto") == "auto":
+        bf16_section["enabled"] = bf16
+    zero = config.setdefault("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}.")
+    parsed = _parsed(config)
+    if parsed.float16_config.enabled and on_cpu():
         raise ValueError(
             "The DeepSpeed config enables fp16, which DeepSpeed's CPU accelerator does not "
             "support; use bf16 or fp32 on CPU."
         )
-    bf16_section = config.setdefault("bf16", {})
-    if bf16_section.get("enabled", "auto") == "auto":
-        bf16_section["enabled"] = bf16
-    elif bool(bf16_section["enabled"]) != bf16 and bf16:
-        raise ValueError("--bf16 was given but the DeepSpeed config disables bf16.")
-    zero = config.setdefault("zero_optimization", {})
-    stage = zero.get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise ValueError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}.")
+    if parsed.bfloat16_config.enabled != bf16:
+        raise ValueError(
+            f"The DeepSpeed config {'enables' if parsed.bfloat16_config.enabled else 'disables'} bf16 but --bf16 was "
+            f'{"not " if not bf16 else ""}given; make them agree or set bf16.enabled to "auto".'
+        )
+    if parsed.float16_config.enabled and bf16:
+        raise ValueError("The DeepSpeed config enables fp16 and --bf16 was given; choose one precision.")
     return config
+
+
+def _parsed(config: dict[str, Any]) -> Any:
+    """DeepSpeed's own reading of a config, or one sentence saying what it rejects."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    # Checked as one rank: DeepSpeed would compare train_batch_size with this process's world size.
+    single = {k: v for k, v in config.items() if k != "train_batch_size"}
+    try:
+        return DeepSpeedConfig(single)
+    except Exception as err:  # pydantic, type and assertion errors alike
+        first = str(err).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:3]) if first else type(err).__name__
+        raise ValueError(f"DeepSpeed rejects the config: {detail}.") from err
 
 
 def fill_zero3_sizes(config: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
@@ -288,6 +329,33 @@ def _transformers_config() -> dict[str, Any] | None:
     from transformers.integrations.deepspeed import deepspeed_config
 
     return deepspeed_config()
+
+
+def read_checkpoints_safely(engine: Any) -> None:
+    """Make the engine read checkpoint files as data: ``weights_only=True``, DeepSpeed's own types.
+
+    DeepSpeed's checkpoint engine unpickles with ``weights_only=False``, so a file planted in a
+    checkpoint could run code on resume. Its files hold tensors, plain containers and the few
+    DeepSpeed types below (found by loading what ZeRO 0-3, offload and bf16 runs write); any
+    other object is refused with one sentence naming the file.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+    def load(path: str, map_location: Any = None) -> Any:
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise ValueError(
+                f"{path} holds objects other than tensors and DeepSpeed's own checkpoint state; "
+                "refusing to load it (unpickling it could run code)."
+            ) from err
+
+    engine.checkpoint_engine.load = load
 
 
 @contextlib.contextmanager

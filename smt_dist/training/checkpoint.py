@@ -11,20 +11,17 @@ Checkpoints assume a filesystem shared by all ranks, as DeepSpeed's do.
 
 from __future__ import annotations
 
-import json
-import random
 import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 import torch.distributed as dist
 
 from smt_dist.io import write_json
 from smt_dist.training.logs import rank_from_env
+from smt_dist.training.state_files import load_rng, read_json, save_rng
 
 STATE_NAME = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -58,6 +55,60 @@ def find_checkpoint(spec: str, output_dir: Path) -> Path:
     return path
 
 
+# What a resume may change, and what must be as the checkpoint's run had it (the rest of the
+# arguments): changing these would train other blocks, read the data in another order, or leave a
+# checkpoint the next resume cannot load.
+RESUMABLE_CHANGES = (
+    "learning_rate",
+    "weight_decay",
+    "max_grad_norm",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "max_steps",
+    "num_train_epochs",
+    "save_steps",
+    "save_total_limit",
+    "logging_steps",
+    "merge",
+    "disable_tqdm",
+    "report_memory",
+    "gradient_checkpointing",
+    "output_dir",
+    "overwrite_output_dir",
+    "resume_from_checkpoint",
+    "deepspeed",
+    "fsdp_cpu_offload",
+    "local_rank",
+    "model_name_or_path",
+    "data_path",
+    "smt_warmup_steps",
+    "smt_selection",
+    "config_file",
+)
+
+
+def check_resume(path: Path, state: dict[str, Any], args: dict[str, Any], run: dict[str, Any]) -> None:
+    """Raise ``ValueError`` unless this run may continue the checkpoint at ``path``.
+
+    ``args`` are this run's arguments, ``run`` what else identifies it (data digest, backend
+    layout); both are compared with what the checkpoint's ``trainer_state.json`` recorded.
+    """
+    saved_args, saved_run = state.get("args"), state.get("run")
+    if not isinstance(saved_args, dict) or not isinstance(saved_run, dict):
+        raise ValueError(
+            f"{path / STATE_NAME} lacks the arguments of its run; it was written by another version."
+        )
+    for key in sorted(args):
+        if key not in RESUMABLE_CHANGES and saved_args.get(key) != args[key]:
+            raise ValueError(
+                f"{path} was trained with --{key} {saved_args.get(key)!r}, this run asks for {args[key]!r}; "
+                f"a resume may change only {', '.join(RESUMABLE_CHANGES[:10])} and the like."
+            )
+    for key, value in run.items():
+        if saved_run.get(key) != value:
+            raise ValueError(f"{path} was written with {key} {saved_run.get(key)!r}, this run has {value!r}.")
+
+
 def save_checkpoint(
     backend: Any,
     output_dir: Path,
@@ -66,8 +117,13 @@ def save_checkpoint(
     state: dict[str, Any],
     write_adapter: Callable[[Path], None],
     keep: int,
+    stale: list[Path] = (),
 ) -> Path:
-    """Write checkpoint ``step`` on every rank (a collective call) and prune to ``keep``."""
+    """Write checkpoint ``step`` on every rank (a collective call) and prune to ``keep``.
+
+    ``stale`` are an earlier run's checkpoints (``--overwrite_output_dir``): removed once this
+    checkpoint is in place, never before.
+    """
     final = output_dir / f"checkpoint-{step}"
     staging = output_dir / f".checkpoint-{step}.partial"
     if rank_from_env() == 0:
@@ -75,15 +131,18 @@ def save_checkpoint(
         staging.mkdir(parents=True)
     _barrier()
     backend.save(staging)
-    torch.save(_rng_state(), staging / f"rng_state_{rank_from_env()}.pt")
+    save_rng(staging / f"rng_state_{rank_from_env()}.safetensors")
     write_adapter(staging / "adapter")
     if rank_from_env() == 0:
         write_json(staging / STATE_NAME, state)
     _barrier()
     if rank_from_env() == 0:
-        if final.exists():  # a resumed run saving a step it had saved before
+        if final.exists():  # a resumed or overwriting run saving a step saved before
             shutil.rmtree(final)
         staging.rename(final)
+        for old in stale:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
         for old in checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
@@ -93,23 +152,5 @@ def save_checkpoint(
 def load_checkpoint(backend: Any, path: Path) -> dict[str, Any]:
     """Restore the backend's state and this rank's RNG from ``path``; return the trainer state."""
     backend.load(path)
-    rng_file = path / f"rng_state_{rank_from_env()}.pt"
-    if not rng_file.is_file():
-        raise FileNotFoundError(f"{rng_file} is missing: was the checkpoint written by as many ranks?")
-    _set_rng_state(torch.load(rng_file, weights_only=False))
-    return json.loads((path / STATE_NAME).read_text())
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    load_rng(path / f"rng_state_{rank_from_env()}.safetensors")
+    return read_json(path / STATE_NAME, what="trainer state")

@@ -23,8 +23,10 @@ from torch import nn
 
 from smt_dist.config import SMTConfig
 from smt_dist.distributed.params import full_value
+from smt_dist.io import write_json
 from smt_dist.model import smt_modules
 from smt_dist.selection import BlockSelection
+from smt_dist.training.state_files import read_json
 
 
 class Backend(abc.ABC):
@@ -65,6 +67,10 @@ class Backend(abc.ABC):
         from smt_dist.distributed.launch import init_process_group
 
         init_process_group()
+
+    def checkpoint_layout(self) -> dict[str, Any]:
+        """What a checkpoint of this engine depends on; a resume must match it."""
+        return {"backend": self.name, "world_size": dist.get_world_size()}
 
     @abc.abstractmethod
     def load_base(self) -> None:
@@ -147,6 +153,9 @@ def empty_model(model_dir: Path) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
+SCHEDULE_NAME = "scheduler.json"
+
+
 class LocalLoop(Backend):
     """What the torch and FSDP backends share: accumulation, the scheduler, and its saved state."""
 
@@ -180,12 +189,16 @@ class LocalLoop(Backend):
 
     def save_schedule(self, directory: Path) -> None:
         if dist.get_rank() == 0:
-            torch.save(
+            write_json(
+                directory / SCHEDULE_NAME,
                 {"scheduler": self.scheduler.state_dict(), "micro_steps": self.micro_steps},
-                directory / "scheduler.pt",
             )
 
     def load_schedule(self, directory: Path) -> None:
-        extra = torch.load(directory / "scheduler.pt", weights_only=True)
-        self.scheduler.load_state_dict(extra["scheduler"])
-        self.micro_steps = extra["micro_steps"]
+        path = directory / SCHEDULE_NAME
+        extra = read_json(path, what="learning-rate schedule")
+        try:
+            self.scheduler.load_state_dict(extra["scheduler"])
+            self.micro_steps = int(extra["micro_steps"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path} is not a schedule written by this job ({err}).") from err

@@ -68,6 +68,10 @@ class DeepSpeedBackend(Backend):
         self.ds.init_distributed()
         self.config = self._resolve(self.ds, self.user_config, self.args, dist.get_world_size())
 
+    def checkpoint_layout(self) -> dict[str, Any]:
+        """DeepSpeed's checkpoint files are per ZeRO stage and per rank."""
+        return {**super().checkpoint_layout(), "zero_stage": self.zero_stage}
+
     def load_base(self) -> None:
         if self.zero_stage == 3:
             from transformers import AutoModelForCausalLM
@@ -113,6 +117,7 @@ class DeepSpeedBackend(Backend):
         self.engine.save_checkpoint(str(directory), tag=ENGINE_TAG, exclude_frozen_parameters=True)
 
     def load(self, directory: Path) -> None:
+        self.ds.read_checkpoints_safely(self.engine)
         load_path, _ = self.engine.load_checkpoint(
             str(directory),
             tag=ENGINE_TAG,

@@ -11,6 +11,7 @@ on dim 0, and only their gradients are reduce-scattered.
 from __future__ import annotations
 
 import gc
+import logging
 from pathlib import Path
 
 import torch
@@ -24,6 +25,10 @@ class FsdpBackend(LocalLoop):
     """FSDP2 units per decoder layer; torch AdamW on the sharded (DTensor) blocks."""
 
     name = "fsdp"
+
+    def checkpoint_layout(self) -> dict:
+        """Any world size: torch.distributed.checkpoint reshards the blocks and their state."""
+        return {"backend": self.name}
 
     def load_base(self) -> None:
         self.module = self._load(prepare=self.configure_model)
@@ -79,17 +84,44 @@ class FsdpBackend(LocalLoop):
 
     def load(self, directory: Path) -> None:
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
             set_optimizer_state_dict,
         )
 
-        if not (directory / "fsdp").is_dir():
+        from smt_dist.distributed.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
+
+        path = directory / "fsdp"
+        if not path.is_dir():
             raise FileNotFoundError(f"{directory} holds no FSDP state: was it written by --backend fsdp?")
+        SafeFileSystemReader(str(path)).read_metadata()  # refuses unsafe metadata in one sentence
         states = self._states()
-        dcp.load(states, checkpoint_id=str(directory / "fsdp"))
+        # DCP logs each rank's failure with a traceback before raising them together; the
+        # sentence below says what failed.
+        dcp_logger = logging.getLogger("torch.distributed.checkpoint")
+        level = dcp_logger.level
+        dcp_logger.setLevel(logging.CRITICAL)
+        try:
+            dcp.load(states, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(path))
+        except CheckpointException as err:  # DCP gathers every rank's failure into one exception
+            raise ValueError(f"The FSDP state in {path} cannot be read: {_first_failure(err)}") from err
+        finally:
+            dcp_logger.setLevel(level)
         options = StateDictOptions(ignore_frozen_params=True, strict=False)
         set_model_state_dict(self.module, states["model"], options=options)
         set_optimizer_state_dict(self.module, self.optimizer, states["optim"], options=options)
         self.load_schedule(directory)
+
+
+def _first_failure(err: Exception) -> str:
+    """The most telling line of a DCP failure: ours (a ValueError) where there is one."""
+    failures = list(getattr(err, "failures", {}).values()) or [err]
+    first = failures[0][0] if isinstance(failures[0], tuple) else failures[0]  # (exception, stack)
+    text = str(first).strip()
+    for line in text.replace("; ", "\n").splitlines():
+        if "is not checkpoint metadata" in line or "refusing to load" in line:
+            return line.split("read failed: ")[-1].strip()
+    detail = text.splitlines()[-1][:300] if text else "the files are truncated or damaged"
+    return f"{type(first).__name__}: {detail}."

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from smt_dist.model import apply_smt
 from smt_dist.optim import BlockShardedAdamW
 from smt_dist.selection import BlockSelection
 from smt_dist.training.backends.base import LocalLoop, load_pretrained
+from smt_dist.training.state_files import load_state, save_state
 
 
 class TorchBackend(LocalLoop):
@@ -39,15 +39,19 @@ class TorchBackend(LocalLoop):
         self.start_loop(optimizer, lr_lambda)
 
     def save(self, directory: Path) -> None:
-        """This rank's optimizer shard and the schedule (the blocks are in the adapter)."""
-        torch.save(self.optimizer.state_dict(), directory / f"optimizer_rank{dist.get_rank()}.pt")
+        """This rank's optimizer shard (safetensors) and the schedule."""
+        state = self.optimizer.state_dict()
+        tensors = {name: state.pop(name) for name in ("master", "exp_avg", "exp_avg_sq")}
+        save_state(directory / f"optimizer_rank{dist.get_rank()}.safetensors", tensors, state)
         self.save_schedule(directory)
 
     def load(self, directory: Path) -> None:
-        shard = directory / f"optimizer_rank{dist.get_rank()}.pt"
-        if not shard.is_file():
-            raise FileNotFoundError(
-                f"{shard} is missing: was the checkpoint written by this backend and world size?"
-            )
-        self.optimizer.load_state_dict(torch.load(shard, weights_only=True))
+        path = directory / f"optimizer_rank{dist.get_rank()}.safetensors"
+        tensors, state = load_state(path)
+        try:
+            for group in state["param_groups"]:
+                group["betas"] = tuple(group["betas"])
+            self.optimizer.load_state_dict({**state, **tensors})
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{path} is not an optimizer shard written by this job ({err}).") from err
         self.load_schedule(directory)

@@ -10,23 +10,25 @@ With no --model_name_or_path/--data_path it trains the embedded tiny Llama (mode
 the embedded instruction set (data/tiny_instruct.jsonl). The recipe, on every rank:
 
   1. check every input, before any process group or file exists;
-  2. load the base as the engine keeps it (ZeRO-3 and FSDP2: partitioned as it is read);
-  3. warm up: score every block inside each target's backward, sum the scores across ranks,
-     select, and check that every rank selected the same blocks (or read --smt_selection);
-  4. build: SparseLinear swapped in, the engine created (a checkpoint restored with --resume);
+  2. join the process group; every rank must run the same job (checked);
+  3. load the base as the engine keeps it (ZeRO-3 and FSDP2: partitioned as it is read), check
+     its weights are finite, warm up (each target's block statistic inside its own backward,
+     summed across ranks), select, and check every rank selected the same blocks;
+  4. build: SparseLinear swapped in, the engine created, a checkpoint restored with --resume;
   5. train over the blocks only, with checkpoints every --save_steps;
   6. save the adapter (only the blocks are gathered) and, with --merge, stream a merged Hugging
      Face checkpoint from the base's safetensors shards.
 
 No phase holds the whole frozen model on one rank under ZeRO-3 or FSDP2. Bad input stops the job
-with one sentence and exit code 1 before anything is written.
+with one sentence from one rank and exit code 1, before anything is written or deleted; an
+earlier run replaced with --overwrite_output_dir goes only once the new run has a checkpoint.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import math
-import shutil
+import os
 import sys
 import time
 from pathlib import Path
@@ -40,6 +42,8 @@ if str(REPO) not in sys.path:  # runnable from a checkout without installing
 from smt_dist import BlockSelection, find_targets, save_smt_adapter  # noqa: E402
 from smt_dist.adapter import base_fingerprint, check_fingerprint, read_smt_adapter  # noqa: E402
 from smt_dist.checkpoint_files import SafetensorsCheckpoint  # noqa: E402
+from smt_dist.distributed import all_finite, check_ranks_agree  # noqa: E402
+from smt_dist.distributed.params import local_data  # noqa: E402
 from smt_dist.io import write_json  # noqa: E402
 from smt_dist.merge import merge_checkpoint  # noqa: E402
 from smt_dist.model import count_parameters  # noqa: E402
@@ -49,38 +53,44 @@ from smt_dist.training.arguments import TrainArguments, parse_args  # noqa: E402
 from smt_dist.training.backends import backend_class  # noqa: E402
 from smt_dist.training.backends.base import empty_model  # noqa: E402
 from smt_dist.training.checkpoint import (  # noqa: E402
+    STATE_NAME,
+    check_resume,
     checkpoints,
     find_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
 from smt_dist.training.data import BatchOrder, collate, read_records, tokenize_records  # noqa: E402
+from smt_dist.training.failures import USER_ERRORS, claim_report, peer_failed  # noqa: E402
 from smt_dist.training.logs import JsonlLog, get_logger, rank_from_env, world_size_from_env  # noqa: E402
 from smt_dist.training.memory import PhaseMemory  # noqa: E402
+from smt_dist.training.schedule import lr_lambda  # noqa: E402
+from smt_dist.training.state_files import read_json  # noqa: E402
 
 RUN_MARKERS = ("train_log.jsonl", "adapter", "selection.json")
 SELECTION_FORMAT = "smt_dist.selection/1"
 
 
 def main(argv: list[str] | None = None) -> int:
+    recipe = None
     try:
         recipe = SMTRecipe(parse_args(argv))
-    except (ValueError, FileNotFoundError) as err:
-        # Inputs are the same on every rank, so one rank saying it is enough.
-        if rank_from_env() == 0:
-            print(f"train.py: error: {err}", file=sys.stderr)
-        return 1
-    try:
         recipe.setup()
         recipe.select()
         recipe.build()
         recipe.train()
         recipe.save()
-    except (ValueError, FileNotFoundError) as err:
-        print(f"train.py: error (rank {rank_from_env()}): {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        if claim_report(str(err), rank=rank_from_env()):
+            print(f"train.py: error: {err}", file=sys.stderr)
         return 1
+    except Exception:
+        if peer_failed():  # another rank stopped the job and said why; this one leaves quietly
+            return 1
+        raise
     finally:
-        recipe.cleanup()
+        if recipe is not None:
+            recipe.cleanup()
     return 0
 
 
@@ -91,22 +101,23 @@ class SMTRecipe:
         self.args = args
         self.smt_config = args.smt_config()
         self.output_dir = Path(args.output_dir)
+        check_writable(self.output_dir)
         self.resume = (
             find_checkpoint(args.resume_from_checkpoint, self.output_dir)
             if args.resume_from_checkpoint
             else None
         )
-        if not self.resume and not args.overwrite_output_dir and self.output_dir.is_dir():
-            previous = [m for m in RUN_MARKERS if (self.output_dir / m).exists()] + checkpoints(
-                self.output_dir
+        previous = [m for m in RUN_MARKERS if (self.output_dir / m).exists()] + checkpoints(self.output_dir)
+        if not self.resume and not args.overwrite_output_dir and previous:
+            raise ValueError(
+                f"{self.output_dir} already holds a run; pass --overwrite_output_dir to replace it "
+                "or --resume_from_checkpoint to continue it."
             )
-            if previous:
-                raise ValueError(
-                    f"{self.output_dir} already holds a run; pass --overwrite_output_dir to replace it "
-                    "or --resume_from_checkpoint to continue it."
-                )
+        # An overwritten run's checkpoints go once this run has one of its own (or its adapter).
+        self.stale = [] if self.resume else checkpoints(self.output_dir)
         self.tokenizer = load_tokenizer(args.model_dir)
         records = read_records(args.data_file)
+        self.data_digest = hashlib.sha256(args.data_file.read_bytes()).hexdigest()[:16]
         self.examples, self.dropped = tokenize_records(
             records, self.tokenizer, max_seq_length=args.max_seq_length
         )
@@ -114,6 +125,14 @@ class SMTRecipe:
         self.backend_class = backend_class(args.backend)
         # Checked now, with the world size the launcher announced, so a bad config writes nothing.
         self.backend_class.check(args, world_size=world_size_from_env())
+        if self.resume:
+            self.resume_state = read_json(self.resume / STATE_NAME, what="trainer state")
+            check_resume(self.resume, self.resume_state, args.to_dict(), {"data": self.data_digest})
+            self.resume_selection = adapter_selection(self.resume / "adapter")
+            if self.resume_selection.digest() != self.resume_state.get("selection_digest"):
+                raise ValueError(
+                    f"{self.resume}: its adapter does not hold the blocks its trainer state names."
+                )
         self.memory = PhaseMemory(enabled=args.report_memory)
         self.backend = None
 
@@ -135,7 +154,7 @@ class SMTRecipe:
         check_budget_fits(budget, available=total_blocks, modules=len(targets))
         return None
 
-    # ---- 1. process group, data order, backend --------------------------------------------------
+    # ---- 1-2. process group, agreement, data order ------------------------------------------------
 
     def setup(self) -> None:
         args, log = self.args, get_logger()
@@ -143,6 +162,17 @@ class SMTRecipe:
         self.backend.init_process_group()
         self.rank = torch.distributed.get_rank()
         self.world = torch.distributed.get_world_size()
+        per_rank = ("local_rank",)
+        check_ranks_agree(
+            {"the backend": self.backend.name}
+            | {f"--{k}": v for k, v in args.to_dict().items() if k not in per_rank}
+            | {"the training data": self.data_digest}
+        )
+        self.layout = self.backend.checkpoint_layout()
+        if self.resume:
+            check_resume(
+                self.resume, self.resume_state, args.to_dict(), {"data": self.data_digest, **self.layout}
+            )
         self.order = BatchOrder(
             len(self.examples), args.per_device_train_batch_size, self.rank, self.world, args.seed
         )
@@ -158,11 +188,6 @@ class SMTRecipe:
                 args.num_train_epochs * self.order.batches_per_epoch / args.gradient_accumulation_steps
             )
         )
-        if self.rank == 0:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            if args.overwrite_output_dir and not self.resume:
-                for old in checkpoints(self.output_dir):
-                    shutil.rmtree(old)
         log.info(
             "%d examples (%d dropped: prompt longer than max_seq_length), %d ranks, backend %s, %d steps",
             len(self.examples),
@@ -177,12 +202,13 @@ class SMTRecipe:
         batch = collate([self.examples[i] for i in indices], pad_token_id=self.tokenizer.pad_token_id)
         return {name: tensor.to(self.backend.device) for name, tensor in batch.items()}
 
-    # ---- 2-3. load, warm up, select -------------------------------------------------------------
+    # ---- 3. load, warm up, select ----------------------------------------------------------------
 
     def select(self) -> None:
         log = get_logger()
+        self.scores = None
         if self.resume:
-            self.selection = adapter_selection(self.resume / "adapter")
+            self.selection = self.resume_selection
             log.info("resuming from %s", self.resume)
         elif self.given_selection is not None:
             self.selection = self.given_selection
@@ -190,11 +216,12 @@ class SMTRecipe:
         else:
             with self.memory.phase("load"):
                 self.backend.load_base()
+                self.check_finite_base()
             with self.memory.phase("warmup"):
                 start = time.perf_counter()
                 warmup = (self.batch(indices) for _, indices in self.order.stream(0))
                 with self.backend.warmup() as after_backward:
-                    self.selection, scores = choose_blocks(
+                    self.selection, self.scores = choose_blocks(
                         self.backend.module, warmup, self.smt_config, after_backward=after_backward
                     )
                 log.info(
@@ -202,17 +229,25 @@ class SMTRecipe:
                     self.args.smt_warmup_steps,
                     time.perf_counter() - start,
                 )
-                total_params = count_parameters(self.backend.module)
-            if self.rank == 0:
-                write_selection(self.output_dir, self.selection, scores, self.smt_config, total_params)
         log.info("selection: %s", self.selection.summary(self.smt_config))
+
+    def check_finite_base(self) -> None:
+        """Refuse a base with NaN or infinite weights (each rank checks what it holds)."""
+        if not all_finite([local_data(p) for p in self.backend.module.parameters()]):
+            raise ValueError(
+                f"The weights in {self.args.model_dir} hold NaN or infinity; SMT cannot train on them."
+            )
 
     # ---- 4. build the training engine -----------------------------------------------------------
 
     def build(self) -> None:
         with self.memory.phase("build"):
+            loaded_here = self.backend.module is None or self.backend.name == "fsdp"
             self.backend.build(self.selection, lr_lambda=lr_lambda(self.args, self.total_steps))
+            if loaded_here and self.scores is None:
+                self.check_finite_base()
             self.fingerprint = base_fingerprint(self.backend.module, sorted(self.selection.blocks))
+        check_ranks_agree({"the base weights (fingerprint)": repr(self.fingerprint)})
         self.start_step = 0
         if self.resume:
             meta, _ = read_smt_adapter(self.resume / "adapter")
@@ -220,6 +255,12 @@ class SMTRecipe:
             self.start_step = load_checkpoint(self.backend, self.resume)["global_step"]
         else:
             torch.manual_seed(self.args.seed + self.rank)  # dropout and anything else stochastic
+        # Every input is checked: the run may now write into its output directory.
+        if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if not self.resume:
+                total = count_parameters(self.backend.module) - self.selection.num_parameters
+                write_selection(self.output_dir, self.selection, self.scores, self.smt_config, total)
 
     # ---- 5. train --------------------------------------------------------------------------------
 
@@ -255,6 +296,10 @@ class SMTRecipe:
                 "learning_rate": backend.learning_rate(),
                 "tokens_per_second": stats[1].item() / (time.perf_counter() - began),
             }
+            if not math.isfinite(record["loss"]):
+                raise ValueError(
+                    f"The loss became {record['loss']} at step {step}; lower --learning_rate or check the data."
+                )
             if step % args.logging_steps == 0 or step == self.total_steps:
                 train_log.write(record)
             progress.update(1)
@@ -270,6 +315,7 @@ class SMTRecipe:
                         "epoch": epoch,
                         "selection_digest": self.selection.digest(),
                         "args": args.to_dict(),
+                        "run": {"data": self.data_digest, **self.layout},
                     }
                     save_checkpoint(
                         backend,
@@ -278,7 +324,9 @@ class SMTRecipe:
                         state=state,
                         write_adapter=self.write_adapter,
                         keep=args.save_total_limit,
+                        stale=self.stale,
                     )
+                    self.stale = []
         progress.close()
 
     def write_adapter(self, path: Path) -> None:
@@ -291,6 +339,8 @@ class SMTRecipe:
         with self.memory.phase("save"):
             self.write_adapter(self.output_dir / "adapter")
         torch.distributed.barrier()
+        if self.rank == 0:
+            remove_stale(self.stale)
         if self.args.merge:
             with self.memory.phase("merge"):
                 if self.rank == 0:
@@ -320,6 +370,27 @@ class SMTRecipe:
         self.memory.close()
 
 
+def check_writable(output_dir: Path) -> None:
+    """Refuse an output directory that cannot be created or written, before anything runs."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output_dir {output_dir} is a file, not a directory.")
+    existing = output_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"--output_dir {output_dir} cannot be written ({existing} is not a writable directory)."
+        )
+
+
+def remove_stale(paths: list[Path]) -> None:
+    """An overwritten run's checkpoints, once this run's output exists."""
+    import shutil
+
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def load_tokenizer(model_dir: Path):
     """The model directory's tokenizer, with a pad token (the eos token if it has none)."""
     from transformers import AutoTokenizer
@@ -339,12 +410,9 @@ def load_tokenizer(model_dir: Path):
 
 def read_selection(path: Path, model: torch.nn.Module, config) -> BlockSelection:
     """``--smt_selection``: a selection.json from an earlier run, checked against this model and config."""
-    if not path.is_file():
+    data = read_json(path, what="selection") if path.is_file() else None
+    if data is None:
         raise FileNotFoundError(f"Selection file {path} does not exist.")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"Selection file {path} is not valid JSON ({err}).") from err
     if not isinstance(data, dict) or data.get("format") != SELECTION_FORMAT:
         raise ValueError(f"{path} is not a selection file written by this job (format {SELECTION_FORMAT}).")
     selection = BlockSelection.from_dict(data, source=str(path))
@@ -366,9 +434,9 @@ def read_selection(path: Path, model: torch.nn.Module, config) -> BlockSelection
 
 
 def write_selection(
-    output_dir: Path, selection: BlockSelection, scores: dict, config, total_params: int
+    output_dir: Path, selection: BlockSelection, scores: dict | None, config, total_params: int
 ) -> None:
-    """``selection.json`` (blocks, digest, summary; ``--smt_selection`` reads it) and the scores."""
+    """``selection.json`` (blocks, digest, summary; ``--smt_selection`` reads it) and the warm-up's scores."""
     from safetensors.torch import save_file
 
     summary = selection.summary(config)
@@ -380,10 +448,11 @@ def write_selection(
     summary["modules"] = {name: len(index) for name, index in selection.blocks.items()}
     data = {"format": SELECTION_FORMAT, "score": config.score, **selection.to_dict(), "summary": summary}
     write_json(output_dir / "selection.json", data)
-    save_file(
-        {name: score.contiguous() for name, score in scores.items()},
-        str(output_dir / "block_scores.safetensors"),
-    )
+    scores_file = output_dir / "block_scores.safetensors"
+    if scores is not None:
+        save_file({name: score.contiguous() for name, score in scores.items()}, str(scores_file))
+    else:  # an overwritten run's scores would describe other blocks
+        scores_file.unlink(missing_ok=True)
 
 
 def adapter_selection(adapter_dir: Path) -> BlockSelection:
@@ -393,22 +462,6 @@ def adapter_selection(adapter_dir: Path) -> BlockSelection:
         block_size=meta["block_size"],
         blocks={name: tensors[f"{name}.block_index"] for name in meta["modules"]},
     )
-
-
-def lr_lambda(args: TrainArguments, total_steps: int):
-    """Learning-rate multiplier per step: linear warm-up, then linear, cosine or constant."""
-
-    def factor(step: int) -> float:
-        if step < args.warmup_steps:
-            return (step + 1) / (args.warmup_steps + 1)
-        if args.lr_scheduler_type == "constant":
-            return 1.0
-        progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
-        if args.lr_scheduler_type == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return max(0.0, 1.0 - progress)
-
-    return factor
 
 
 def make_progress(total: int, initial: int, *, disabled: bool):

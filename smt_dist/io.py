@@ -27,6 +27,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         raise ValueError(f"Cannot write a directory at {target}: a file with that name exists.")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; the result follows the umask
     try:
         yield staging
         _fsync_tree(staging)
@@ -45,12 +46,20 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write JSON to ``path`` through a temporary file and a rename."""
-    path = Path(path)
+    _write_text(Path(path), json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike, rows: list[Any]) -> None:
+    """Write one JSON value per line to ``path`` through a temporary file and a rename."""
+    _write_text(Path(path), "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def _write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; the result follows the umask
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -58,6 +67,12 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_tree(root: Path) -> None:

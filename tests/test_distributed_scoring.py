@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from conftest import lm_batches, tiny_causal_lm
@@ -40,8 +38,8 @@ def test_two_ranks_equal_one_process(score, tmp_path):
 def _disagree_on_rank(rank, world_size):
     config = SMTConfig(block_size=16, num_blocks=2 + rank, warmup_steps=1)
     scores = {"a.v_proj": torch.arange(8.0).view(2, 4)}
-    with pytest.raises(RuntimeError, match="Ranks selected different blocks"):
-        check_same_selection(select_blocks(scores, dataclasses.replace(config)))
+    with pytest.raises(ValueError, match=r"Ranks disagree on the selected blocks \(digest\) \(ranks 0 have"):
+        check_same_selection(select_blocks(scores, config))
 
 
 def test_ranks_that_disagree_fail_loudly():

@@ -162,7 +162,11 @@ def test_checkpointing_and_a_given_selection_match_zero2(reference, tmp_path, co
     for key, value in adapter_tensors(output_dir).items():
         torch.testing.assert_close(value, expected[key], **PARITY)
     if "--smt_selection" in extra:
-        assert not (output_dir / "selection.json").exists()  # no warm-up ran
+        assert not (output_dir / "block_scores.safetensors").exists()  # no warm-up ran
+        assert (
+            json.loads((output_dir / "selection.json").read_text())["digest"]
+            == json.loads((reference / "selection.json").read_text())["digest"]
+        )
 
 
 @pytest.mark.parametrize(

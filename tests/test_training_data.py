@@ -49,11 +49,24 @@ def write(path, text):
         ("type.jsonl", '["not", "a", "record"]\n', r"type.jsonl:1: a record must be a JSON object"),
         ("empty.jsonl", "\n\n", r"empty.jsonl holds no records"),
         ("obj.json", '{"instruction": "a"}', r"obj.json: a .json data file must hold a list"),
+        (
+            "braces.json",  # braces inside strings must not shift the line count
+            '[\n {"instruction": "{{{", "output": "}"},\n {"instruction": "}}", "output": "{"},\n {"output": "b"}\n]',
+            r"braces.json:4: .*'instruction'",
+        ),
+        ("unclosed.json", '[\n {"instruction": "a", "output": "b"}\n', r"unclosed.json:\d+: not valid JSON"),
     ],
 )
 def test_malformed_files_name_file_and_line(tmp_path, name, text, message):
     with pytest.raises(ValueError, match=message):
         read_records(write(tmp_path / name, text))
+
+
+def test_text_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n')
+    with pytest.raises(ValueError, match=r"latin.jsonl:2: not UTF-8 text"):
+        read_records(path)
 
 
 def test_missing_file(tmp_path):
@@ -103,5 +116,8 @@ def test_batch_order_shards_disjointly_and_resumes_mid_stream():
 
 
 def test_embedded_dataset_is_well_formed(tokenizer):
-    records = read_records(DEFAULT_MODEL.parent.parent / "data" / "tiny_instruct.jsonl")
-    assert len(records) == 1200 and all(json.dumps(r) for r in records)
+    path = DEFAULT_MODEL.parent.parent / "data" / "tiny_instruct.jsonl"
+    records = read_records(path)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(records) == len(lines) == 1200
+    assert records == [{"input": "", **line} for line in lines]  # every field read as written

@@ -1,6 +1,8 @@
-"""The few collectives SMT's setup needs: summing warm-up scores and agreeing on a selection."""
+"""The few collectives SMT's setup needs: summing warm-up scores, agreeing, checking values."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,15 +39,35 @@ def sum_across_ranks(
     return out
 
 
-def check_same_selection(selection: BlockSelection, *, group: dist.ProcessGroup | None = None) -> None:
-    """Raise on every rank unless all ranks of the group selected exactly the same blocks."""
+def check_ranks_agree(values: dict[str, Any], *, group: dist.ProcessGroup | None = None) -> None:
+    """Raise ``ValueError`` on every rank unless all ranks hold equal ``values`` (a collective call).
+
+    The message names the first key that differs and which ranks hold which value.
+    """
     if not is_distributed():
         return
-    digests: list[str | None] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(digests, selection.digest(), group=group)
-    if len(set(digests)) != 1:
-        mine = dist.get_rank(group)
-        raise RuntimeError(
-            f"Ranks selected different blocks (rank {mine} has {digests[mine][:12]}, digests "
-            f"{sorted({d[:12] for d in digests})}); the warm-up scores were not identical."
-        )
+    everyone: list[dict[str, Any] | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, values, group=group)
+    for key in values:
+        seen: dict[str, list[int]] = {}
+        for rank, theirs in enumerate(everyone):
+            seen.setdefault(repr(theirs.get(key)), []).append(rank)
+        if len(seen) > 1:
+            holders = "; ".join(
+                f"ranks {', '.join(map(str, ranks))} have {value:.120}" for value, ranks in seen.items()
+            )
+            raise ValueError(f"Ranks disagree on {key} ({holders}); every rank must run the same job.")
+
+
+def check_same_selection(selection: BlockSelection, *, group: dist.ProcessGroup | None = None) -> None:
+    """Raise on every rank unless all ranks of the group selected exactly the same blocks."""
+    check_ranks_agree({"the selected blocks (digest)": selection.digest()[:16]}, group=group)
+
+
+def all_finite(tensors: list[torch.Tensor], *, group: dist.ProcessGroup | None = None) -> bool:
+    """Whether every tensor is finite on every rank (one all-reduce of a flag)."""
+    flag = torch.tensor([float(all(bool(torch.isfinite(t).all()) for t in tensors))])
+    if is_distributed():
+        flag = flag.to(comm_device(group))
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())

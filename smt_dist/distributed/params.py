@@ -24,6 +24,15 @@ def is_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_tensor") or isinstance(param, DTensor)
 
 
+def local_data(param: torch.Tensor) -> torch.Tensor:
+    """The part of a parameter this rank holds (all of it when it is not partitioned)."""
+    if hasattr(param, "ds_tensor"):
+        return param.ds_tensor.detach()
+    if isinstance(param, DTensor):
+        return param.to_local().detach()
+    return param.detach()
+
+
 def read_elements(param: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Elements at flat ``positions`` (int64) of the full parameter, as fp32 on the CPU."""
     positions = positions.to("cpu", torch.int64)

@@ -8,6 +8,7 @@ input costs nothing and writes nothing.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -109,6 +110,8 @@ class TrainArguments:
     )
 
     def __post_init__(self) -> None:
+        if self.smt_num_blocks is not None and self.smt_ratio is not None:
+            raise ValueError("Give --smt_num_blocks or --smt_ratio, not both.")
         if self.smt_num_blocks is None and self.smt_ratio is None:
             self.smt_ratio = 0.02
         for name in (
@@ -119,8 +122,18 @@ class TrainArguments:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        for name in ("learning_rate", "weight_decay", "max_grad_norm", "num_train_epochs", "smt_ratio"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"--{name} must be a finite number, got {value}.")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}.")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError(
+                f"--weight_decay and --max_grad_norm must be >= 0, got {self.weight_decay} and {self.max_grad_norm}."
+            )
+        if self.warmup_steps < 0:
+            raise ValueError(f"--warmup_steps must be >= 0, got {self.warmup_steps}.")
         if self.lr_scheduler_type not in ("linear", "cosine", "constant"):
             raise ValueError(
                 f"--lr_scheduler_type must be linear, cosine or constant, got {self.lr_scheduler_type!r}."
@@ -174,23 +187,44 @@ def _auto_backend(args: TrainArguments) -> str:
     return "torch"
 
 
+class _Parser(HfArgumentParser):
+    """argparse that raises one ``ValueError`` sentence instead of printing usage and exiting."""
+
+    def error(self, message: str):
+        raise ValueError(f"{message[0].upper()}{message[1:]}; see --help.")
+
+
 def parse_args(argv: list[str] | None = None) -> TrainArguments:
-    """Parse the command line, merged over ``--config_file`` (JSON or YAML) when given."""
+    """Parse the command line, merged over ``--config_file`` (JSON or YAML) when given.
+
+    Options from the file are parsed exactly as if typed first on the command line (same types,
+    same checks); options typed on the command line come after them and win.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(TrainArguments)
+    parser = _Parser(TrainArguments)
     parser.add_argument("--config_file", default=None, help="JSON or YAML file of the same options.")
-    defaults: dict = {}
-    if "--config_file" in argv:
-        position = argv.index("--config_file")
-        if position + 1 >= len(argv):
+    config_files = [
+        i for i, arg in enumerate(argv) if arg == "--config_file" or arg.startswith("--config_file=")
+    ]
+    if len(config_files) > 1:
+        raise ValueError("--config_file was given more than once.")
+    if config_files:
+        position = config_files[0]
+        if "=" in argv[position]:
+            path, used = argv[position].split("=", 1)[1], 1
+        elif position + 1 < len(argv):
+            path, used = argv[position + 1], 2
+        else:
             raise ValueError("--config_file needs a path.")
-        defaults = _read_options(Path(argv[position + 1]))
-        del argv[position : position + 2]
-    known = {f.name for f in fields(TrainArguments)}
-    unknown = sorted(set(defaults) - known)
-    if unknown:
-        raise ValueError(f"Unknown options in the config file: {', '.join(unknown)}.")
-    parser.set_defaults(**defaults)
+        options = _read_options(Path(path))
+        del argv[position : position + used]
+        known = {f.name for f in fields(TrainArguments)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"Unknown options in the config file {path}: {', '.join(unknown)}.")
+        argv = [
+            token for key, value in options.items() if value is not None for token in (f"--{key}", str(value))
+        ] + argv
     # The second value is the namespace holding --config_file, already consumed above.
     args, _ = parser.parse_args_into_dataclasses(args=argv)
     return args
@@ -199,11 +233,19 @@ def parse_args(argv: list[str] | None = None) -> TrainArguments:
 def _read_options(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"Config file {path} does not exist.")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"Config file {path} is not UTF-8 text.") from err
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        options = yaml.safe_load(text)
+        try:
+            options = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark is not None else ""
+            raise ValueError(f"Config file {path} is not valid YAML{where}.") from err
     else:
         try:
             options = json.loads(text)

@@ -46,16 +46,14 @@ def read_records(path: str | Path) -> list[dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Data file {path} does not exist.")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text ({err.reason}).") from err
     located: list[tuple[int, Any]] = []
     if path.suffix == ".json" or text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg}).") from err
-        if not isinstance(items, list):
-            raise ValueError(f"{path}: a .json data file must hold a list of records.")
-        located = [(_line_of_item(text, i), item) for i, item in enumerate(items)]
+        located = _array_items(text, path)
     else:
         for lineno, line in enumerate(text.splitlines(), start=1):
             if line.strip():
@@ -69,19 +67,42 @@ def read_records(path: str | Path) -> list[dict[str, str]]:
     return records
 
 
-def _line_of_item(text: str, index: int) -> int:
-    """Best-effort line of the index-th top-level object of a JSON array, for error messages."""
-    depth, count = 0, -1
-    for pos, char in enumerate(text):
-        if char == "{":
-            depth += 1
-            if depth == 1:
-                count += 1
-                if count == index:
-                    return text.count("\n", 0, pos) + 1
-        elif char == "}":
-            depth -= 1
-    return 1
+def _array_items(text: str, path: Path) -> list[tuple[int, Any]]:
+    """The items of a JSON array with the line each starts on (decoded one by one, so braces
+    inside strings cannot shift the count)."""
+    decoder = json.JSONDecoder()
+
+    def line_at(position: int) -> int:
+        return text.count("\n", 0, position) + 1
+
+    def skip(position: int) -> int:
+        while position < len(text) and text[position] in " \t\r\n":
+            position += 1
+        return position
+
+    position = skip(0)
+    if not text.startswith("[", position):
+        raise ValueError(f"{path}: a .json data file must hold a list of records.")
+    position = skip(position + 1)
+    items: list[tuple[int, Any]] = []
+    if text.startswith("]", position):
+        return items
+    while True:
+        try:
+            item, end = decoder.raw_decode(text, position)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg}).") from err
+        items.append((line_at(position), item))
+        position = skip(end)
+        if text.startswith(",", position):
+            position = skip(position + 1)
+        elif text.startswith("]", position):
+            break
+        else:
+            raise ValueError(f"{path}:{line_at(position)}: not valid JSON (expected ',' or ']').")
+    if text[position + 1 :].strip():
+        raise ValueError(f"{path}:{line_at(position + 1)}: not valid JSON (text after the list).")
+    return items
 
 
 def _checked_record(item: Any, where: str) -> dict[str, str]:

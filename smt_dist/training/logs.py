@@ -54,8 +54,28 @@ class JsonlLog:
         if resume_step is None:
             path.write_text("")
         elif path.is_file():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            path.write_text("".join(line + "\n" for line in self._lines_up_to(resume_step)))
+
+    def _lines_up_to(self, step: int) -> list[str]:
+        """The log's lines up to ``step``; a torn last line (a kill mid-write) is dropped."""
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{self.path} is not UTF-8 text; move it away to resume.") from err
+        kept = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+                line_step = int(record["step"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+                if number == len(lines):
+                    break
+                raise ValueError(
+                    f"{self.path}:{number}: not a log record ({err}); move the log away to resume."
+                ) from err
+            if line_step <= step:
+                kept.append(line)
+        return kept
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record (a dict with at least ``step``)."""

@@ -7,12 +7,10 @@ fits the run (``"auto"`` values filled from the command line, conflicts refused 
 sentence), loads a model partitioned as it is read (ZeRO-3), warms it up under the engine's own
 gathering, builds the training engine, and gathers ZeRO-3 parameters when a full value is needed.
 
-Swapping SMT into an existing DeepSpeed script takes two calls::
+Swapping SMT into an existing DeepSpeed script takes two changed lines::
 
     model = smt_dist.deepspeed.prepare(model, warmup_batches, SMTConfig(...), config=ds_config)
-    engine, optimizer, _, scheduler = smt_dist.deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
-    )
+    engine, optimizer, _, scheduler = smt_dist.deepspeed.initialize(model=model, ..., config=ds_config)
 
 with either a client ``torch.optim.AdamW`` over the blocks (ZeRO 1-3 partition them) or, at
 ZeRO stage 0, ``BlockShardedAdamW``, which then owns the gradient exchange: the engine's own
@@ -22,6 +20,7 @@ all-reduce is switched off, as DeepSpeed's 1-bit Adam does.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import pickle
@@ -182,6 +181,8 @@ def fill_zero3_sizes(config: dict[str, Any], model: torch.nn.Module) -> dict[str
       gradients here).
     """
     zero = config.get("zero_optimization", {})
+    if "auto" not in zero.values():
+        return config
     hidden = int(model.config.hidden_size)
     layer = max(sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters()) for m in decoder_layers(model))
     sizes = {
@@ -227,8 +228,7 @@ def warmup_engine(model: torch.nn.Module, config: dict[str, Any]) -> Iterator[Ca
     if zero_stage(config) != 3:
         yield None
         return
-    warmup_config = {k: v for k, v in config.items() if k not in ("optimizer", "scheduler")}
-    engine, *_ = deepspeed.initialize(model=model, config=warmup_config)
+    engine, *_ = deepspeed.initialize(model=model, config=_parameter_only(config, model))
     offload = engine.optimizer  # DeepSpeedZeRoOffload: the hooks that gather and release weights
     try:
         # A layer whose input needs no gradient (the first one) never fires its post-backward
@@ -244,6 +244,20 @@ def warmup_engine(model: torch.nn.Module, config: dict[str, Any]) -> Iterator[Ca
             module.__dict__.pop("post_bwd_fn", None)
 
 
+def _parameter_only(config: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
+    """What an engine that only gathers parameters needs of a config (which may still hold the
+    Trainer's or accelerate's unresolved ``"auto"`` values): ZeRO-3's own settings and precision."""
+    zero = {k: v for k, v in config.get("zero_optimization", {}).items() if v != "auto"}
+    dtype = next(model.parameters()).dtype
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+    }
+
+
 def prepare(
     model: torch.nn.Module,
     warmup_batches: Iterable[Any],
@@ -251,48 +265,74 @@ def prepare(
     *,
     config: dict[str, Any] | str | os.PathLike | None = None,
     loss_fn: Any = None,
+    merge_on_save: bool = True,
 ) -> torch.nn.Module:
     """Warm up, select the blocks (checked identical on every rank) and convert the model.
 
-    Call on every rank before ``initialize``; returns the same model with only its blocks
-    trainable. A model partitioned at load by ZeRO-3 is warmed up under DeepSpeed's own gathering
-    (``config``: the DeepSpeed config, by default the one transformers loaded the model with).
+    Call on every rank before ``initialize`` (or before the Trainer or accelerate builds its
+    engine); returns the same model with only its blocks trainable. A model partitioned at load
+    by ZeRO-3 is warmed up under DeepSpeed's own gathering; ``config`` is the DeepSpeed config, by
+    default the one transformers loaded the model with (``HfDeepSpeedConfig``, which the Trainer
+    and accelerate create).
+
+    A ``config`` dict is changed in place (its ``"auto"`` ZeRO-3 sizes filled), so the engine built
+    from it later sees the same sizes. ``merge_on_save`` keeps a pipeline's own saving right: the model's ``state_dict()`` and
+    ``save_pretrained`` then write each trained weight as ``W + D`` under its usual name, which
+    ``from_pretrained`` loads as the fine-tuned model (see ``smt_dist.export``).
     """
-    ds_config = _config_dict(config) if config is not None else _transformers_config()
-    with warmup_engine(model, ds_config or {}) as after_backward:
+    from torch.distributed.tensor import DTensor
+
+    from smt_dist.export import save_merged
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise ValueError(
+            "The model is already sharded by FSDP2; call prepare before fully_shard (or use "
+            "launch/train.py --backend fsdp, which builds SMT layers before sharding)."
+        )
+    # A dict is filled in place: it may be the one the Trainer or accelerate will build the engine from.
+    if isinstance(config, (str, os.PathLike)):
+        ds_config = read_config(config)
+    else:
+        ds_config = config if config is not None else (_transformers_config() or {})
+    if zero_stage(ds_config) == 3:
+        fill_zero3_sizes(ds_config, model)
+    with warmup_engine(model, ds_config) as after_backward:
         selection, _ = choose_blocks(
             model, warmup_batches, smt_config, loss_fn=loss_fn, after_backward=after_backward
         )
-    return apply_smt(model, selection, smt_config)
+    apply_smt(model, selection, smt_config)
+    if merge_on_save:
+        save_merged(model)
+    return model
 
 
-def initialize(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    lr_scheduler: Any = None,
-    config: dict[str, Any] | str | os.PathLike | None = None,
-    **kwargs: Any,
-):
-    """``deepspeed.initialize`` for an SMT model; returns its ``(engine, optimizer, dataloader, scheduler)``.
+def initialize(*args: Any, **kwargs: Any):
+    """``deepspeed.initialize`` for an SMT model: the same arguments, the same four results.
 
-    The config (a dict or a path) gets what SMT needs: a client optimizer is allowed under ZeRO,
-    and with ``offload_optimizer`` kept rather than swapped for ``DeepSpeedCPUAdam``. With a
+    The config (a dict or a path, as ``config`` or ``config_params``) gets what SMT needs: a
+    client optimizer is allowed under ZeRO, and with ``offload_optimizer`` kept rather than
+    swapped for ``DeepSpeedCPUAdam``; ``"auto"`` ZeRO-3 sizes are filled from the model. With a
     ``BlockShardedAdamW`` the config must be ZeRO stage 0 without engine-side precision; engine
     clipping is switched off (DeepSpeed would otherwise clip each rank's unaveraged gradient with
-    its default of 1.0) and ``max_grad_norm`` on the optimizer clips the averaged gradient.
+    its default of 1.0, and checking the engine afterwards makes sure) and ``max_grad_norm`` on
+    the optimizer clips the averaged gradient.
     """
-    config = _config_dict(config) if config is not None else {}
-    if optimizer is not None:
+    bound = inspect.signature(deepspeed.initialize).bind(*args, **kwargs)
+    call = bound.arguments
+    raw = call.pop("config", None) or call.pop("config_params", None)
+    config = _config_dict(raw) if raw is not None else {}
+    optimizer, model = call.get("optimizer"), call.get("model")
+    if optimizer is not None:  # a client optimizer (or a factory of one)
         config.setdefault("zero_allow_untested_optimizer", True)
         if config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none":
             config.setdefault("zero_force_ds_cpu_optimizer", False)
+    if model is not None and zero_stage(config) == 3:
+        fill_zero3_sizes(config, model)
     sharded = isinstance(optimizer, BlockShardedAdamW)
     if sharded:
         _check_sharded_config(config)
         config["gradient_clipping"] = 0.0
-    engine, optimizer, dataloader, lr_scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config, **kwargs
-    )
+    engine, optimizer, dataloader, lr_scheduler = deepspeed.initialize(**call, config=config)
     if sharded:
         if engine.gradient_clipping():
             raise RuntimeError(

@@ -173,7 +173,14 @@ class SparseLinear(nn.Module):
         self.save_input = False
         """Keep the whole input for backward, by reference, instead of a copy of the column-blocks
         the blocks read. Modules that read one input (q, k, v) then keep it once between them;
-        ``apply_smt`` sets it where that costs less (``smt_dist.model.shared_input_rule``)."""
+        ``apply_smt`` sets it where that costs less (``smt_dist.model.share_inputs``)."""
+        self.merge_on_save = False
+        """``state_dict()`` gives ``weight`` as ``W + D`` (and marks it), so saving code written
+        for plain models writes the fine-tuned weights; loading such a state dict back takes the
+        blocks out of the weight again. Only for unpartitioned values (an engine that gathers
+        partitioned parameters itself walks them, not this hook)."""
+        self.register_state_dict_post_hook(_merge_weight_on_save)
+        self.register_load_state_dict_pre_hook(_unmerge_weight_on_load)
 
     def _register_derived_index(self) -> None:
         """Index tensors the autograd function needs, derived from ``block_index``."""
@@ -241,12 +248,22 @@ class SparseLinear(nn.Module):
         return y.view(*leading, self.out_features)
 
     @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
-        """A new tensor ``W + D`` in the weight's dtype; the base weight is not touched."""
-        return scatter_blocks(self.weight, self.block_index, self.blocks.detach(), add=True)
+    def merged_weight(
+        self, weight: torch.Tensor | None = None, blocks: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """A new tensor ``W + D`` in the weight's dtype; the base weight is not touched.
 
-    def to_linear(self) -> nn.Linear:
-        """A plain frozen ``nn.Linear`` holding the merged weight."""
+        ``weight`` and ``blocks`` stand in for the module's own when those are partitioned (the
+        caller gathered them)."""
+        weight = self.weight if weight is None else weight
+        blocks = self.blocks.detach() if blocks is None else blocks
+        return scatter_blocks(weight, self.block_index.to(weight.device), blocks.to(weight.device), add=True)
+
+    def to_linear(self, **full: torch.Tensor | None) -> nn.Linear:
+        """A plain frozen ``nn.Linear`` holding the merged weight (``full``: gathered ``weight``,
+        ``blocks`` and ``bias`` standing in for partitioned ones)."""
+        bias = full.pop("bias", None)
+        bias = self.bias if bias is None else bias
         linear = nn.Linear(
             self.in_features,
             self.out_features,
@@ -254,9 +271,9 @@ class SparseLinear(nn.Module):
             device="meta",
             dtype=self.weight.dtype,
         )
-        linear.weight = nn.Parameter(self.merged_weight(), requires_grad=False)
-        if self.bias is not None:
-            linear.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
+        linear.weight = nn.Parameter(self.merged_weight(**full), requires_grad=False)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         return linear
 
     def extra_repr(self) -> str:
@@ -265,6 +282,38 @@ class SparseLinear(nn.Module):
             f"bias={self.bias is not None}, block_size={self.block_size}, "
             f"num_blocks={self.num_blocks}"
         )
+
+
+MERGED_FLAG = "weight_includes_blocks"
+"""State-dict key (after the module's prefix) marking a ``weight`` saved as ``W + D``."""
+
+
+def _merge_weight_on_save(module: SparseLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    if not module.merge_on_save:
+        return
+    weight, blocks, index = (state_dict.get(prefix + k) for k in ("weight", "blocks", "block_index"))
+    plain = all(type(t) is torch.Tensor for t in (weight, blocks, index))  # not a partition or DTensor
+    if not plain or weight.shape != weight_shape(module.weight) or blocks.shape[0] != len(index):
+        return
+    state_dict[prefix + "weight"] = scatter_blocks(weight, index, blocks, add=True)
+    state_dict[prefix + MERGED_FLAG] = torch.ones((), dtype=torch.bool)
+
+
+def _unmerge_weight_on_load(module: SparseLinear, state_dict: dict, prefix: str, *args) -> None:
+    if state_dict.pop(prefix + MERGED_FLAG, None) is None:
+        return
+    weight, blocks, index = (state_dict.get(prefix + k) for k in ("weight", "blocks", "block_index"))
+    if weight is None or blocks is None or index is None:
+        return
+    # Loading into the base it was saved from (a resume): keep that base bit for bit, since
+    # W + D - D may differ from W in the last bit. Otherwise take the blocks out of the weight.
+    base = module.weight.detach()
+    if type(base) is torch.Tensor and not base.is_meta and base.shape == weight.shape:
+        remerged = scatter_blocks(base.to(weight.device, weight.dtype), index, blocks, add=True)
+        if torch.equal(remerged, weight):
+            state_dict[prefix + "weight"] = base
+            return
+    state_dict[prefix + "weight"] = scatter_blocks(weight, index, -blocks, add=True)
 
 
 def _checked_index(block_index: torch.Tensor, n_rows: int, n_cols: int, *, name: str) -> torch.Tensor:

@@ -132,9 +132,16 @@ def merge_smt(model: nn.Module) -> nn.Module:
     """Replace every ``SparseLinear`` by a frozen ``nn.Linear`` holding ``W + D``, in place.
 
     The merged weights are new tensors; the base weights are not written. Returns the model.
+    Partitioned parameters (ZeRO-3, FSDP2) are gathered one module at a time, on every rank (a
+    collective call), and each rank gets the whole merged model on the CPU; for a model larger
+    than a rank, merge the saved adapter with ``python -m smt_dist.merge`` instead.
     """
+    from smt_dist.distributed.params import full_value, is_partitioned
+
     for name, sparse in smt_modules(model).items():
-        _replace_module(model, name, sparse.to_linear())
+        own = {"weight": sparse.weight, "blocks": sparse.blocks, "bias": sparse.bias}
+        full = {k: full_value(p) for k, p in own.items() if p is not None and is_partitioned(p)}
+        _replace_module(model, name, sparse.to_linear(**full))
     return model
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import lm_batches, tiny_causal_lm
@@ -13,19 +16,23 @@ from smt_dist import SMTConfig, SparseLinear
 from smt_dist.optim import BlockShardedAdamW
 
 
-def stage0(accumulation: int) -> dict:
-    return {
+def stage0_config_file(path, accumulation: int) -> str:
+    """A user's ZeRO-0 JSON, passed as a path, with no ``gradient_clipping`` key (DeepSpeed's
+    default would then clip each rank's unaveraged gradient at 1.0 unless ``initialize`` stops it)."""
+    config = {
         "train_micro_batch_size_per_gpu": 4 // 2 // accumulation,
         "gradient_accumulation_steps": accumulation,
         "zero_optimization": {"stage": 0},
     }
+    Path(path).write_text(json.dumps(config))
+    return str(path)
 
 
-def _dropin_on_rank(rank, world, accumulation, out_dir):
+def _dropin_on_rank(rank, world, accumulation, clip, config_path, out_dir):
     model = smt_model()
-    optimizer = BlockShardedAdamW(blocks_of(model), lr=LR, weight_decay=0.1)
-    engine, optimizer, _, _ = smt_deepspeed.initialize(model, optimizer, None, stage0(accumulation))
-    assert engine.enable_backward_allreduce is False
+    optimizer = BlockShardedAdamW(blocks_of(model), lr=LR, weight_decay=0.1, max_grad_norm=clip)
+    engine, optimizer, _, _ = smt_deepspeed.initialize(model=model, optimizer=optimizer, config=config_path)
+    assert engine.enable_backward_allreduce is False and not engine.gradient_clipping()
     for step in range(STEPS):
         for batch in micro_batches(step, rank, world, accumulation):
             loss = engine(**batch).loss
@@ -34,10 +41,14 @@ def _dropin_on_rank(rank, world, accumulation, out_dir):
     torch.save([p.detach() for p in blocks_of(model)], f"{out_dir}/rank{rank}.pt")
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_stage0_dropin_matches_one_process(tmp_path, accumulation):
-    run_on_ranks(_dropin_on_rank, 2, accumulation, str(tmp_path))
-    expected = reference(accumulation, None)
+# clip 0.05 is below every step's global gradient norm here, so clipping acts on every step
+@pytest.mark.parametrize(("accumulation", "clip"), [(1, None), (2, None), (2, 0.05)])
+def test_stage0_dropin_matches_one_process(tmp_path, accumulation, clip):
+    """BlockShardedAdamW through initialize (config path, no clipping key) on 2 ranks equals one
+    process of torch AdamW over the full batch, with global-norm clipping where asked."""
+    config_path = stage0_config_file(tmp_path / "ds_config.json", accumulation)
+    run_on_ranks(_dropin_on_rank, 2, accumulation, clip, config_path, str(tmp_path))
+    expected = reference(accumulation, clip)
     for rank in range(2):
         for got, want in zip(torch.load(tmp_path / f"rank{rank}.pt"), expected, strict=True):
             torch.testing.assert_close(got, want, **PARITY)
@@ -53,7 +64,7 @@ def _prepare_on_rank(rank, world, out_dir):
         "zero_optimization": {"stage": 2},
         "zero_allow_untested_optimizer": True,
     }
-    engine, _, _, _ = smt_deepspeed.initialize(model, optimizer, None, ds_config)
+    engine, _, _, _ = smt_deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     loss = engine(**lm_batches(1, seed=9)[0]).loss
     engine.backward(loss)
     engine.step()
@@ -82,5 +93,7 @@ def test_sharded_optimizer_refuses_incompatible_configs(config, message):
     model = smt_model()
     with pytest.raises(ValueError, match=message):
         smt_deepspeed.initialize(
-            model, BlockShardedAdamW(blocks_of(model)), None, {"train_batch_size": 4, **config}
+            model=model,
+            optimizer=BlockShardedAdamW(blocks_of(model)),
+            config={"train_batch_size": 4, **config},
         )

@@ -60,7 +60,7 @@ from smt_dist.training.checkpoint import (  # noqa: E402
     load_checkpoint,
     save_checkpoint,
 )
-from smt_dist.training.data import BatchOrder, collate, read_records, tokenize_records  # noqa: E402
+from smt_dist.training.data import BatchOrder, collate, hold_out, read_records, tokenize_records  # noqa: E402
 from smt_dist.training.failures import USER_ERRORS, claim_report, peer_failed  # noqa: E402
 from smt_dist.training.logs import JsonlLog, get_logger, rank_from_env, world_size_from_env  # noqa: E402
 from smt_dist.training.memory import PhaseMemory  # noqa: E402
@@ -121,6 +121,13 @@ class SMTRecipe:
         self.examples, self.dropped = tokenize_records(
             records, self.tokenizer, max_seq_length=args.max_seq_length
         )
+        self.val_examples: list[dict] = []
+        if args.val_set_size:
+            self.examples, self.val_examples = hold_out(self.examples, args.val_set_size, seed=args.seed)
+        elif args.eval_data_path:
+            self.val_examples, _ = tokenize_records(
+                read_records(args.eval_data_path), self.tokenizer, max_seq_length=args.max_seq_length
+            )
         self.given_selection = self._check_model()
         self.backend_class = backend_class(args.backend)
         # Checked now, with the world size the launcher announced, so a bad config writes nothing.
@@ -273,6 +280,7 @@ class SMTRecipe:
         progress = make_progress(
             self.total_steps, self.start_step, disabled=args.disable_tqdm or self.rank != 0
         )
+        postfix: dict[str, str] = {}
         for step in range(self.start_step + 1, self.total_steps + 1):
             with self.memory.phase("train"):
                 began = time.perf_counter()
@@ -300,14 +308,19 @@ class SMTRecipe:
                 raise ValueError(
                     f"The loss became {record['loss']} at step {step}; lower --learning_rate or check the data."
                 )
-            if step % args.logging_steps == 0 or step == self.total_steps:
+            last = step == self.total_steps
+            if self.val_examples and (last or (args.eval_steps and step % args.eval_steps == 0)):
+                record["eval_loss"] = self.validate()
+                postfix["eval_loss"] = f"{record['eval_loss']:.4f}"
+            if step % args.logging_steps == 0 or last or "eval_loss" in record:
                 train_log.write(record)
             progress.update(1)
-            progress.set_postfix(
+            postfix.update(
                 loss=f"{record['loss']:.4f}",
                 lr=f"{record['learning_rate']:.2e}",
                 tok_s=f"{record['tokens_per_second']:.0f}",
             )
+            progress.set_postfix(postfix)
             if args.save_steps and step % args.save_steps == 0:
                 with self.memory.phase("save"):
                     state = {
@@ -328,6 +341,32 @@ class SMTRecipe:
                     )
                     self.stale = []
         progress.close()
+
+    def validate(self) -> float:
+        """Mean loss per label token over the validation examples; every rank takes a slice.
+
+        Every rank runs the same number of forwards (ZeRO-3 and FSDP2 gather in each), a rank
+        short of examples repeating one with weight zero.
+        """
+        size = self.args.per_device_train_batch_size
+        mine = list(range(self.rank, len(self.val_examples), self.world))
+        forwards = math.ceil(math.ceil(len(self.val_examples) / self.world) / size)
+        total = torch.zeros(2, dtype=torch.float64)
+        module = self.backend.module
+        module.eval()
+        with torch.no_grad():
+            for first in range(0, forwards * size, size):
+                part = mine[first : first + size]
+                rows = [self.val_examples[i] for i in part] or self.val_examples[:1]
+                batch = collate(rows, pad_token_id=self.tokenizer.pad_token_id)
+                loss = self.backend.loss({k: v.to(self.backend.device) for k, v in batch.items()})
+                tokens = float((batch["labels"][:, 1:] != -100).sum()) if part else 0.0
+                total += torch.tensor([loss.item() * tokens, tokens], dtype=torch.float64)
+        module.train()
+        self.backend.after_evaluation()
+        total = total.to(self.backend.device)
+        torch.distributed.all_reduce(total)
+        return (total[0] / total[1]).item()
 
     def write_adapter(self, path: Path) -> None:
         """The adapter, from the blocks alone (gathered where partitioned; rank 0 writes)."""

@@ -169,6 +169,33 @@ def test_checkpointing_and_a_given_selection_match_zero2(reference, tmp_path, co
         )
 
 
+@pytest.mark.parametrize(("launcher", "config"), [("deepspeed", "zero3_smt"), ("torchrun", None)])
+def test_validation_loss_equals_one_process_on_the_held_out_records(tmp_path, launcher, config):
+    """--val_set_size holds records out and reports their loss: recomputed here in one process from
+    the base and the run's adapter, token-weighted over the same held-out records."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from smt_dist.training.arguments import DEFAULT_DATA
+    from smt_dist.training.data import collate, hold_out, read_records, tokenize_records
+
+    output_dir = run_job(launcher, tmp_path / "out", config, "--val_set_size", "20", "--eval_steps", "5")
+    records = [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [5, 10, 12]
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+    examples, _ = tokenize_records(read_records(DEFAULT_DATA), tokenizer, max_seq_length=128)
+    _, held = hold_out(examples, 20, seed=7)  # COMMON's --seed 7
+    model = load_smt_adapter(AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL), output_dir / "adapter")
+    total = tokens = 0.0
+    with torch.no_grad():
+        for first in range(0, len(held), 5):
+            batch = collate(held[first : first + 5], pad_token_id=tokenizer.pad_token_id)
+            count = float((batch["labels"][:, 1:] != -100).sum())
+            total += model(**batch).loss.item() * count
+            tokens += count
+    # same fp32 model and records, other batch shapes and summation order
+    assert records[-1]["eval_loss"] == pytest.approx(total / tokens, rel=1e-5)
+
+
 @pytest.mark.parametrize(
     ("launcher", "config"), [("deepspeed", "zero2_smt"), ("torchrun", None), ("torchrun", "fsdp")]
 )
@@ -237,11 +264,11 @@ BAD_INPUTS = {
     "empty data": (lambda d: ["--data_path", write(d / "empty.jsonl", "")], "empty.jsonl holds no records"),
     "block size": (
         lambda d: ["--smt_block_size", "48"],
-        "has out_features=128, which block size 48 does not divide",
+        "has out_features=256, which block size 48 does not divide",
     ),
     "budget": (
         lambda d: ["--smt_num_blocks", "100000"],
-        "budget of 100000 blocks exceeds the 768 blocks of the 16",
+        "budget of 100000 blocks exceeds the 4608 blocks of the 24",
     ),
     "score": (lambda d: ["--smt_score", "max"], "score must be one of mean_abs, abs_mean, got 'max'"),
     "fp16 on cpu": (

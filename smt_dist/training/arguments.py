@@ -76,6 +76,17 @@ class TrainArguments:
         default=None, metadata={"help": "A checkpoint directory, or 'latest' for the newest in output_dir."}
     )
     logging_steps: int = field(default=1, metadata={"help": "Write a log line every this many steps."})
+    val_set_size: int = field(
+        default=0,
+        metadata={"help": "Hold this many training records out (seeded) and report their loss."},
+    )
+    eval_data_path: str | None = field(
+        default=None,
+        metadata={"help": "An Alpaca-layout file whose loss is reported (instead of --val_set_size)."},
+    )
+    eval_steps: int = field(
+        default=0, metadata={"help": "Validation loss every this many steps (0: only at the end)."}
+    )
     merge: bool = field(default=False, metadata={"help": "Also write a merged Hugging Face checkpoint."})
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
     report_memory: bool = field(
@@ -140,6 +151,10 @@ class TrainArguments:
             )
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError("Set --max_steps or a positive --num_train_epochs.")
+        if self.val_set_size < 0 or self.eval_steps < 0:
+            raise ValueError("--val_set_size and --eval_steps must be >= 0.")
+        if self.val_set_size and self.eval_data_path:
+            raise ValueError("Give --val_set_size or --eval_data_path, not both.")
         if self.save_steps < 0 or self.save_total_limit < 1:
             raise ValueError("--save_steps must be >= 0 and --save_total_limit >= 1.")
         if self.backend not in ("auto", *BACKENDS):

@@ -69,6 +69,7 @@ RESUMABLE_CHANGES = (
     "save_steps",
     "save_total_limit",
     "logging_steps",
+    "eval_steps",
     "merge",
     "disable_tqdm",
     "report_memory",

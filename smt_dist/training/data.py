@@ -143,6 +143,22 @@ def tokenize_records(
     return examples, dropped
 
 
+def hold_out(examples: list[dict], size: int, *, seed: int) -> tuple[list[dict], list[dict]]:
+    """Split off ``size`` examples, chosen by a seeded permutation, as a validation set.
+
+    Returns ``(train, validation)``; both keep the file's order.
+    """
+    if not 0 < size < len(examples):
+        raise ValueError(
+            f"--val_set_size {size} must be between 1 and the {len(examples)} usable training records minus one."
+        )
+    held = set(torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))[:size].tolist())
+    return (
+        [e for i, e in enumerate(examples) if i not in held],
+        [e for i, e in enumerate(examples) if i in held],
+    )
+
+
 def collate(examples: list[dict[str, list[int]]], *, pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a list of examples into ``input_ids``, ``attention_mask`` and ``labels``."""
     width = max(len(e["input_ids"]) for e in examples)

@@ -92,6 +92,9 @@ class Backend(abc.ABC):
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The forward pass's loss for one micro-batch."""
 
+    def after_evaluation(self) -> None:
+        """Release what forwards without a backward left gathered (nothing, but under ZeRO-3)."""
+
     @abc.abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
         """Backward for one micro-batch (scaled for gradient accumulation)."""

@@ -103,6 +103,11 @@ class DeepSpeedBackend(Backend):
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.engine(**batch).loss
 
+    def after_evaluation(self) -> None:
+        # ZeRO-3 prefetches the parameters its training trace expects next; a forward with no
+        # backward leaves them in flight, and the next gather or save would trip on them.
+        self.engine.empty_partition_cache()
+
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 

@@ -95,6 +95,34 @@ class SMTConfig:
             if value is not None and not 0.0 < float(value) <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1] or None, got {value!r}.")
 
+    @classmethod
+    def authors_recipe(cls, *, attention_blocks: int, mlp_blocks: int, **overrides: Any) -> SMTConfig:
+        """The selection recipe of the paper's released code, as far as a frozen warm-up allows.
+
+        Their defaults: 256 x 256 blocks of q, k, v and the MLP projections (never o), scored by
+        the absolute value of the block's mean summed gradient (their ``mean_abs``, our
+        ``abs_mean``), over 100 warm-up micro-batches, with separate budgets for attention and MLP
+        blocks (``num_submatrix_attn``, ``num_submatrix_mlp``). The budgets become a total and two
+        caps, which select exactly those counts when each group has that many blocks. Their
+        warm-up fine-tunes every weight while it scores; ours keeps the base frozen
+        (docs/fidelity.md).
+        """
+        total = attention_blocks + mlp_blocks
+        if attention_blocks < 0 or mlp_blocks < 0 or total < 1:
+            raise ValueError("authors_recipe needs non-negative block counts with a positive total.")
+        attention, mlp = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj", "down_proj")
+        both = attention_blocks > 0 and mlp_blocks > 0  # a zero budget drops its group's targets
+        recipe: dict[str, Any] = {
+            "block_size": 256,
+            "target_modules": (attention if attention_blocks else ()) + (mlp if mlp_blocks else ()),
+            "score": "abs_mean",
+            "num_blocks": total,
+            "warmup_steps": 100,
+            "max_attention_fraction": attention_blocks / total if both else None,
+            "max_mlp_fraction": mlp_blocks / total if both else None,
+        }
+        return cls(**{**recipe, **overrides})
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict that :meth:`from_dict` turns back into an equal config."""
         out = dataclasses.asdict(self)

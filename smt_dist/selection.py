@@ -201,7 +201,8 @@ def _apply_caps(
         if cap is None:
             continue
         in_group = group_ids == GROUPS.index(group)
-        allowed &= ~in_group | (in_group.cumsum(0) <= int(cap * budget))
+        # + 1e-9: a cap written as a / budget must allow a blocks, whatever the float rounding
+        allowed &= ~in_group | (in_group.cumsum(0) <= int(cap * budget + 1e-9))
     kept = order[allowed]
     if len(kept) < budget:
         raise ValueError(

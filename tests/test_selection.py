@@ -88,3 +88,22 @@ def test_nan_scores_and_no_scores_are_clear_errors():
         select_blocks(scores, SMTConfig(block_size=8, num_blocks=2))
     with pytest.raises(ValueError, match="no target module matched"):
         select_blocks({}, SMTConfig(block_size=8, num_blocks=2))
+
+
+@pytest.mark.parametrize(("attention", "mlp"), [(29, 71), (7, 3), (0, 5)])
+def test_authors_recipe_selects_exactly_its_two_budgets(attention, mlp):
+    """Their separate attention and MLP budgets, as a total and two caps, are met exactly."""
+    config = SMTConfig.authors_recipe(attention_blocks=attention, mlp_blocks=mlp, block_size=16)
+    generator = torch.Generator().manual_seed(3)
+    names = [f"model.layers.0.self_attn.{m}" for m in ("q_proj", "k_proj", "v_proj")]
+    names += [f"model.layers.0.mlp.{m}" for m in ("gate_proj", "up_proj", "down_proj")]
+    # MLP scores are larger, so without the caps the MLP would take every block
+    scores = {
+        name: torch.rand(8, 8, generator=generator) + (1.0 if ".mlp." in name else 0.0) for name in names
+    }
+    selection = select_blocks(scores, config)
+    counts = {"attn": 0, "mlp": 0}
+    for name, index in selection.blocks.items():
+        counts["mlp" if ".mlp." in name else "attn"] += len(index)
+    assert counts == {"attn": attention, "mlp": mlp}
+    assert config.score == "abs_mean" and "o_proj" not in config.target_modules

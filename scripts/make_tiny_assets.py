@@ -1,148 +1,113 @@
-"""Regenerate the embedded default: a small instruction dataset, its tokenizer and a tiny Llama.
+"""Regenerate the embedded data: the instruction set, the two evaluation tasks, and the tokenizer.
 
-    python scripts/make_tiny_assets.py
+    python scripts/make_tiny_assets.py          # seconds; then scripts/pretrain_tiny.py makes the model
 
-Writes ``data/tiny_instruct.jsonl`` (Alpaca layout: instruction, input, output) and
-``models/tiny-llama/`` (a randomly initialised tiny Llama in safetensors, its config, and a
-byte-level BPE tokenizer trained on that data). No hub is reachable at run time, so these ship
-with the repo; this script shows how they were made and remakes them bit for bit (fixed seeds).
+Writes, from the generated world of ``scripts/tiny_world.py`` and fixed seeds (bit for bit the same
+on every machine):
+
+- ``data/tiny_instruct.jsonl``: the fine-tuning set (Alpaca layout): the train splits of both tasks;
+- ``data/tiny_eval/<task>/{test,val}.json``: held-out splits in LLM-Adapters' layout
+  (``instruction``, ``input``, ``output``, ``answer``), never in the fine-tuning set;
+- ``models/tiny-llama/`` tokenizer files: a byte-level BPE trained on the pretraining text and the
+  tasks, so the model's vocabulary covers both.
+
+No hub is reachable at run time, so these ship with the repo; this script shows how they were made.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = [
-    "apple",
-    "river",
-    "stone",
-    "cloud",
-    "garden",
-    "window",
-    "candle",
-    "forest",
-    "silver",
-    "market",
-    "pocket",
-    "ladder",
-    "mirror",
-]
-OPPOSITES = {
-    "hot": "cold",
-    "up": "down",
-    "early": "late",
-    "light": "dark",
-    "full": "empty",
-    "fast": "slow",
-    "open": "closed",
-    "wet": "dry",
-    "loud": "quiet",
-    "high": "low",
-    "old": "new",
-    "soft": "hard",
-}
-HEAVIER = [
-    ("a feather", "a brick"),
-    ("a leaf", "a rock"),
-    ("a coin", "a car"),
-    ("a cup", "a table"),
-    ("a pencil", "a chair"),
-    ("a grape", "a melon"),
-    ("a mouse", "a horse"),
-    ("a shoe", "a boat"),
-]
-SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
+from tiny_world import arith_questions, facts_questions, make_world, pretraining_text, split  # noqa: E402
 
-def make_records(rng: random.Random, count: int) -> list[dict[str, str]]:
-    tasks = []
-    for _ in range(count):
-        kind = rng.randrange(6)
-        if kind == 0:
-            a, b = rng.randrange(100), rng.randrange(100)
-            tasks.append(("Add the two numbers.", f"{a} and {b}", str(a + b)))
-        elif kind == 1:
-            word = rng.choice(WORDS)
-            tasks.append(("Reverse the letters of the word.", word, word[::-1]))
-        elif kind == 2:
-            n = rng.randrange(1000)
-            tasks.append(("Is the number even or odd?", str(n), "even" if n % 2 == 0 else "odd"))
-        elif kind == 3:
-            word, opposite = rng.choice(sorted(OPPOSITES.items()))
-            tasks.append(("Give the opposite of the word.", word, opposite))
-        elif kind == 4:
-            light, heavy = rng.choice(HEAVIER)
-            pair = f"{light} or {heavy}" if rng.random() < 0.5 else f"{heavy} or {light}"
-            tasks.append(("Which one is heavier?", pair, heavy))
-        else:
-            words = rng.sample(WORDS, 3)
-            tasks.append(("Sort the words alphabetically.", " ".join(words), " ".join(sorted(words))))
-    return [{"instruction": i, "input": x, "output": o} for i, x, o in tasks]
+MODEL_DIR = ROOT / "models" / "tiny-llama"
+VOCAB_SIZE = 2048
+TOKENIZER_SENTENCES = 60_000
 
 
 def make_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with bos/eos/pad/unk, trained on ``texts``."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIALS,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
+
+
+def task_splits(seed: int = 0) -> dict[str, dict[str, list[dict]]]:
+    """Both tasks' test / val / train splits; training questions get three option orders each."""
+    world = make_world(seed)
+    facts = split(facts_questions(world, random.Random(seed + 1)), random.Random(seed + 2), test=100, val=50)
+    arith = split(arith_questions(random.Random(seed + 3)), random.Random(seed + 4), test=100, val=50)
+    # More orders of the same training questions, so the answer's position is not learned by heart,
+    # and the training sums and differences once more with other names and things.
+    extra = [q for i in range(2) for q in facts_questions(world, random.Random(seed + 10 + i))]
+    train_questions = {r["instruction"].split("\n")[0] for r in facts["train"]}
+    facts["train"] += [q for q in extra if q["instruction"].split("\n")[0] in train_questions]
+    pairs = {tuple(r["output"].split(" = ")[0].split()[-3::2]) for r in arith["train"]}
+    arith["train"] += [
+        q
+        for q in arith_questions(random.Random(seed + 20))
+        if tuple(q["output"].split(" = ")[0].split()[-3::2]) in pairs
+    ]
+    return {"tiny_facts": facts, "tiny_arith": arith}
 
 
 def main() -> None:
-    import sys
-
-    sys.path.insert(0, str(ROOT))
     from smt_dist.training.data import format_prompt
 
-    rng = random.Random(0)
-    records = make_records(rng, 1200)
+    tasks = task_splits()
+    train = [r for task in tasks.values() for r in task["train"]]
+    random.Random(5).shuffle(train)
     data_file = ROOT / "data" / "tiny_instruct.jsonl"
     data_file.parent.mkdir(exist_ok=True)
-    data_file.write_text("".join(json.dumps(r) + "\n" for r in records))
-
-    model_dir = ROOT / "models" / "tiny-llama"
-    model_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = make_tokenizer([format_prompt(r) + r["output"] for r in records], vocab_size=512)
-    tokenizer.save_pretrained(model_dir)
-    # Name the class that transformers 4 and 5 both know, so either version loads the directory.
-    tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
-    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    (model_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # GQA: k/v projections are 64 x 128
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+    data_file.write_text(
+        "".join(json.dumps({k: r[k] for k in ("instruction", "input", "output")}) + "\n" for r in train)
     )
-    config.save_pretrained(model_dir)
-    torch.manual_seed(42)
-    LlamaForCausalLM(config).save_pretrained(model_dir, safe_serialization=True)
-    print(f"wrote {data_file} ({len(records)} records) and {model_dir} (vocab {len(tokenizer)})")
+    for name, splits in tasks.items():
+        folder = ROOT / "data" / "tiny_eval" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for part in ("test", "val"):
+            (folder / f"{part}.json").write_text(json.dumps(splits[part], indent=1) + "\n")
+
+    world = make_world(0)
+    texts = pretraining_text(world, random.Random(7), sentences=TOKENIZER_SENTENCES)
+    texts += [
+        format_prompt(r) + r["output"] for task in tasks.values() for part in task.values() for r in part
+    ]
+    tokenizer = make_tokenizer(texts, VOCAB_SIZE)
+    MODEL_DIR.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(MODEL_DIR)
+    # Name the class that transformers 4 and 5 both know, so either version loads the directory.
+    config_file = MODEL_DIR / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_file.read_text())
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_file.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    sizes = {name: {part: len(rows) for part, rows in splits.items()} for name, splits in tasks.items()}
+    print(
+        f"wrote {data_file} ({len(train)} records), data/tiny_eval {sizes}, tokenizer (vocab {len(tokenizer)})"
+    )
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ class Backend(abc.ABC):
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The forward pass's loss for one micro-batch."""
 
-    def after_evaluation(self) -> None:
+    def after_evaluation(self) -> None:  # noqa: B027 (an optional hook: most engines need nothing)
         """Release what forwards without a backward left gathered (nothing, but under ZeRO-3)."""
 
     @abc.abstractmethod

@@ -32,9 +32,15 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "launch" / "train.py"
 COMMON = ["--max_steps", "12", "--save_steps", "4", "--disable_tqdm", "--seed", "7"]
-# Same data, same seed, same fp32 math in every configuration; ZeRO stages and launchers may
-# reduce gradients in another order, so parity across them allows 1e-5 relative.
-PARITY = dict(rtol=1e-5, atol=1e-6)
+# Same data, same seed, same fp32 math in every configuration; ZeRO stages, launchers and
+# optimizer kernels may reduce in another order. On the pretrained model many block gradients are
+# near zero, where Adam's m / (sqrt(v) + eps) turns a last-bit difference into a visible part of
+# an update: after 12 steps at lr 5e-3 the losses agree to 1.1e-4 relative and the blocks to
+# 4.3e-5 absolute at worst (measured ZeRO-3 against ZeRO-2; 2.3e-5 without clipping). Parity
+# allows 3e-4 relative on losses and 1e-4 on blocks: 2% of one lr-sized step, far below what a
+# wrong gradient scale, a missed block or a skipped step would change.
+PARITY = dict(rtol=3e-4, atol=1e-6)
+BLOCK_PARITY = dict(rtol=0, atol=1e-4)
 
 spec = importlib.util.spec_from_file_location("train_script", TRAIN)
 train_script = importlib.util.module_from_spec(spec)
@@ -119,7 +125,10 @@ def test_zero2_trains_and_writes_adapter_and_merged_checkpoint(reference):
     reloaded = load_smt_adapter(base_model(), reference / "adapter")
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, merged(input_ids=ids).logits, **PARITY)
+        # the same weights up to one fp32 addition per element: logits agree to float rounding
+        torch.testing.assert_close(
+            reloaded(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-5, atol=1e-5
+        )
     summary = json.loads((reference / "selection.json").read_text())
     assert summary["summary"]["num_blocks"] == sum(len(v) for v in selected.values())
 
@@ -142,7 +151,7 @@ def test_other_stages_and_launchers_match_zero2(reference, tmp_path, launcher, c
     torch.testing.assert_close(torch.tensor(losses(output_dir)), torch.tensor(losses(reference)), **PARITY)
     expected = adapter_tensors(reference)
     for key, value in adapter_tensors(output_dir).items():
-        torch.testing.assert_close(value, expected[key], **PARITY)
+        torch.testing.assert_close(value, expected[key], **BLOCK_PARITY)
 
 
 @pytest.mark.parametrize(
@@ -160,7 +169,7 @@ def test_checkpointing_and_a_given_selection_match_zero2(reference, tmp_path, co
     torch.testing.assert_close(torch.tensor(losses(output_dir)), torch.tensor(losses(reference)), **PARITY)
     expected = adapter_tensors(reference)
     for key, value in adapter_tensors(output_dir).items():
-        torch.testing.assert_close(value, expected[key], **PARITY)
+        torch.testing.assert_close(value, expected[key], **BLOCK_PARITY)
     if "--smt_selection" in extra:
         assert not (output_dir / "block_scores.safetensors").exists()  # no warm-up ran
         assert (

@@ -151,3 +151,19 @@ def test_analytic_job_phases_partition_and_checkpointing_help():
     for engine in ENGINES:
         without = job_phase_memory(shape, engine, checkpointing=False)["gpu"]
         assert per_gpu[engine]["train"] < without["train"], engine
+
+
+def test_quality_runs_every_method_at_matched_budgets(tmp_path):
+    out = tmp_path / "quality.json"
+    run("quality.py", "--steps", "2", "--lrs", "1e-3", "--budgets", "1", "--limit", "2",
+        "--warmup-steps", "1", "--output", str(out))  # fmt: skip
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["method"] for r in runs] == ["base", "full", "lora", "dora", "smt"]
+    for r in runs:
+        assert set(r["test"]) == {"tiny_facts", "tiny_arith"}
+        assert all(0.0 <= value <= 1.0 for value in r["test"].values())
+    by_method = {r["method"]: r for r in runs}
+    # SMT is given exactly LoRA's trainable count at the same rank (a whole number of 16 x 16 blocks)
+    assert by_method["smt"]["trainable"] == by_method["lora"]["trainable"]
+    assert by_method["full"]["percent"] == 100.0
+    assert out.with_suffix(".png").is_file()

@@ -122,7 +122,10 @@ def main() -> None:
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output, safe_serialization=True)
     log = {
-        "args": {**vars(args), "output": str(output.relative_to(ROOT)) if output.is_relative_to(ROOT) else str(output)},
+        "args": {
+            **vars(args),
+            "output": str(output.relative_to(ROOT)) if output.is_relative_to(ROOT) else str(output),
+        },
         "parameters": params,
         "tokens": int(needed * args.seq),
         "minutes": round((time.perf_counter() - start) / 60, 1),

@@ -24,7 +24,7 @@ setup(
         "mpich; sys_platform == 'linux'",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6", "peft>=0.13"],
+        "test": ["pytest>=8", "ruff>=0.6", "peft>=0.13", "matplotlib"],
         "bench": ["peft>=0.13", "matplotlib"],
     },
 )

@@ -25,12 +25,11 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import torch
 from torch import nn
 
-from smt_dist.blocks import scatter_blocks
+from smt_dist.blocks import weight_shape
 from smt_dist.distributed.params import is_partitioned
-from smt_dist.layer import MERGED_FLAG, SparseLinear
+from smt_dist.layer import MERGED_FLAG, SparseLinear, merge_blocks_into
 from smt_dist.model import smt_modules
 
 
@@ -50,13 +49,8 @@ def save_merged(model: nn.Module) -> nn.Module:
 def merge_state_dict(state_dict: dict[str, Any], modules: dict[str, SparseLinear]) -> dict[str, Any]:
     """A copy of ``state_dict`` whose SMT weights are ``W + D`` (those not merged already)."""
     merged = dict(state_dict)
-    for name in modules:
-        keys = [f"{name}.{k}" for k in ("weight", "blocks", "block_index")]
-        if f"{name}.{MERGED_FLAG}" in merged or not all(k in merged for k in keys):
-            continue
-        weight, blocks, index = (merged[k] for k in keys)
-        merged[keys[0]] = scatter_blocks(weight, index.to(weight.device), blocks.to(weight.device), add=True)
-        merged[f"{name}.{MERGED_FLAG}"] = torch.ones((), dtype=torch.bool)
+    for name, module in modules.items():
+        merge_blocks_into(merged, f"{name}.", weight_shape(module.weight))
     return merged
 
 

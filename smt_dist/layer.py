@@ -288,15 +288,29 @@ MERGED_FLAG = "weight_includes_blocks"
 """State-dict key (after the module's prefix) marking a ``weight`` saved as ``W + D``."""
 
 
-def _merge_weight_on_save(module: SparseLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    if not module.merge_on_save:
+def merge_blocks_into(state_dict: dict, prefix: str, shape: torch.Size) -> None:
+    """Replace ``prefix + "weight"`` by ``W + D`` in a state dict and flag it, in place.
+
+    Left alone when already flagged, when an entry is missing or is a partition or ``DTensor``
+    rather than a full plain tensor, or when the weight is not of the full ``shape``.
+    """
+    if prefix + MERGED_FLAG in state_dict:
         return
     weight, blocks, index = (state_dict.get(prefix + k) for k in ("weight", "blocks", "block_index"))
-    plain = all(type(t) is torch.Tensor for t in (weight, blocks, index))  # not a partition or DTensor
-    if not plain or weight.shape != weight_shape(module.weight) or blocks.shape[0] != len(index):
+    plain = all(
+        type(t) is torch.Tensor for t in (weight, blocks, index)
+    )  # not missing, a partition or DTensor
+    if not plain or weight.shape != shape or blocks.shape[0] != len(index):
         return
-    state_dict[prefix + "weight"] = scatter_blocks(weight, index, blocks, add=True)
+    state_dict[prefix + "weight"] = scatter_blocks(
+        weight, index.to(weight.device), blocks.to(weight.device), add=True
+    )
     state_dict[prefix + MERGED_FLAG] = torch.ones((), dtype=torch.bool)
+
+
+def _merge_weight_on_save(module: SparseLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    if module.merge_on_save:
+        merge_blocks_into(state_dict, prefix, weight_shape(module.weight))
 
 
 def _unmerge_weight_on_load(module: SparseLinear, state_dict: dict, prefix: str, *args) -> None:

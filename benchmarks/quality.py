@@ -160,8 +160,8 @@ def main() -> None:
     batches = training_batches(tokenizer, args)
     ranks = [int(r) for r in args.ranks.split(",")][: int(args.budgets) if args.budgets else None]
     lrs = [float(x) for x in args.lrs.split(",")]
-    total = sum(p.numel() for p in load_model().parameters())
     base = load_model()
+    total = sum(p.numel() for p in base.parameters())
     runs = [{"method": "base", "rank": None, "trainable": 0, "percent": 0.0, "lr": None,
              "val": accuracy(base, tokenizer, "val", args.limit), "test": accuracy(base, tokenizer, "test", args.limit)}]  # fmt: skip
     print(f"base: test {runs[0]['test']}", flush=True)
@@ -190,8 +190,6 @@ def main() -> None:
                       f"({run['seconds']} s)", flush=True)  # fmt: skip
                 if best is None or mean(run["val"].values()) > mean(best[0]["val"].values()):
                     best = (run, model)
-                else:
-                    del model
             run, model = best
             run["test"] = accuracy(model, tokenizer, "test", args.limit)
             run["chosen"] = True

@@ -81,15 +81,9 @@ def plot(run_dir: Path, output_dir: Path) -> dict:
     blocks = read_json(selection_file, what="selection")["blocks"]
     layers, kinds, mean, chosen = tables(scores, blocks)
     total = sum(chosen.values())
+    per_kind = {kind: sum(n for (_, k), n in chosen.items() if k == kind) for kind in kinds}
     summary = {
-        "selected": {
-            kind: {
-                "blocks": sum(chosen[(layer, kind)] for layer in layers if (layer, kind) in chosen),
-                "share": sum(chosen[(layer, kind)] for layer in layers if (layer, kind) in chosen)
-                / max(total, 1),
-            }
-            for kind in kinds
-        },
+        "selected": {kind: {"blocks": n, "share": n / max(total, 1)} for kind, n in per_kind.items()},
         "mean_score": {kind: [mean.get((layer, kind)) for layer in layers] for kind in kinds},
         "layers": layers,
     }

@@ -32,7 +32,7 @@ RATIOS = (0.005, 0.01, 0.02, 0.05)
 
 def column_coverage(model: torch.nn.Module) -> dict[str, float]:
     """Per layer: q/k/v input share in separate copies, kept with sharing; means over all layers."""
-    from smt_dist.model import smt_modules
+    from smt_dist.core.surgery import smt_modules
 
     layers: dict[str, list] = {}
     for name, module in smt_modules(model).items():

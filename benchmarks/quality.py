@@ -7,7 +7,7 @@
 The shipped pretrained tiny Llama (``models/tiny-llama``) is fine-tuned on the shipped instruction
 set (``data/tiny_instruct.jsonl``: the train splits of two generated tasks in LLM-Adapters'
 layouts, ``tiny_facts`` like ARC and ``tiny_arith`` like GSM8K) and scored on their held-out test
-splits with LLM-Adapters' answer rules (``smt_dist.evaluation``). Every method sees the same
+splits with LLM-Adapters' answer rules (``smt_dist.recipes.evaluation``). Every method sees the same
 examples in the same order for the same number of steps, in one process, fp32. LoRA and DoRA
 (peft, ``lora_alpha = 2 r``) take ranks 1, 2, 4 and 8 on the same target modules as SMT; SMT takes
 exactly as many trainable parameters as LoRA at each rank (blocks of 16 x 16; its warm-up of
@@ -35,9 +35,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from smt_dist import SMTConfig, apply_smt, choose_blocks  # noqa: E402
-from smt_dist.evaluation import extract_answer, generate_responses, is_correct, read_test_file  # noqa: E402
-from smt_dist.io import write_json  # noqa: E402
-from smt_dist.training.data import collate, read_records, tokenize_records  # noqa: E402
+from smt_dist.files.atomic import write_json  # noqa: E402
+from smt_dist.recipes.data import collate, read_records, tokenize_records  # noqa: E402
+from smt_dist.recipes.evaluation import extract_answer, generate_responses, is_correct, read_test_file  # noqa: E402
 
 MODEL = REPO / "models" / "tiny-llama"
 DATA = REPO / "data" / "tiny_instruct.jsonl"

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import smt_dist  # noqa: E402  # SMT
 import smt_dist.deepspeed as smt_deepspeed  # noqa: E402  # SMT
 from smt_dist import SMTConfig  # noqa: E402  # SMT
-from smt_dist.training.data import collate, read_records, tokenize_records  # noqa: E402
+from smt_dist.recipes.data import collate, read_records, tokenize_records  # noqa: E402
 
 
 def main() -> None:

@@ -22,12 +22,8 @@ import re
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # runnable from a checkout without installing
-    sys.path.insert(0, str(REPO))
-
-from smt_dist.io import write_json  # noqa: E402
-from smt_dist.training.state_files import read_json  # noqa: E402
+from smt_dist.files.atomic import write_json
+from smt_dist.files.jsonfile import read_json
 
 LAYER = re.compile(r"\.(\d+)\.")
 ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -78,7 +74,7 @@ def plot(run_dir: Path, output_dir: Path) -> dict:
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist; plot a run that did its own warm-up.")
     scores = load_file(score_file)
-    blocks = read_json(selection_file, what="selection")["blocks"]
+    blocks = read_json(selection_file, what="Selection file")["blocks"]
     layers, kinds, mean, chosen = tables(scores, blocks)
     total = sum(chosen.values())
     per_kind = {kind: sum(n for (_, k), n in chosen.items() if k == kind) for kind in kinds}

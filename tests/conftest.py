@@ -53,3 +53,18 @@ def lm_batches(count: int, *, batch: int = 2, seq: int = 16, seed: int = 1) -> l
 @pytest.fixture
 def llama() -> torch.nn.Module:
     return tiny_causal_lm("llama")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark what spawns processes ``multiprocess`` and everything in ``e2e/`` ``slow``.
+
+    A test is multi-process when its body calls ``run_on_ranks`` or uses ``subprocess``: read from
+    the names its code refers to, so a new test is marked without anyone remembering to.
+    """
+    for item in items:
+        function = getattr(item, "function", None)
+        names = set(getattr(getattr(function, "__code__", None), "co_names", ()))
+        if names & {"run_on_ranks", "subprocess"}:
+            item.add_marker(pytest.mark.multiprocess)
+        if "e2e" in item.path.parts:
+            item.add_marker(pytest.mark.slow)

@@ -1,18 +1,48 @@
-"""The few collectives SMT's setup needs: summing warm-up scores, agreeing, checking values."""
+"""Ranks and the few collectives SMT's setup needs: summing warm-up scores, agreeing, checking values.
+
+A leaf: it imports nothing else of the package, so every layer above may use it.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from smt_dist.selection import BlockSelection
 
-
-def is_distributed() -> bool:
+def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
     """True inside an initialised process group of more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def rank() -> int:
+    """This process's global rank, before the process group exists too (from the launcher's environment)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return _from_env(("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK"), default=0)
+
+
+def world_size() -> int:
+    """The job's world size, before the process group exists too (as its launcher announced it:
+    deepspeed and torchrun, MPICH, Open MPI)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return _from_env(("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"), default=1)
+
+
+def _from_env(names: tuple[str, ...], *, default: int) -> int:
+    for name in names:
+        if name in os.environ:
+            return int(os.environ[name])
+    return default
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing outside a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def comm_device(group: dist.ProcessGroup | None = None) -> torch.device:
@@ -57,11 +87,6 @@ def check_ranks_agree(values: dict[str, Any], *, group: dist.ProcessGroup | None
                 f"ranks {', '.join(map(str, ranks))} have {value:.120}" for value, ranks in seen.items()
             )
             raise ValueError(f"Ranks disagree on {key} ({holders}); every rank must run the same job.")
-
-
-def check_same_selection(selection: BlockSelection, *, group: dist.ProcessGroup | None = None) -> None:
-    """Raise on every rank unless all ranks of the group selected exactly the same blocks."""
-    check_ranks_agree({"the selected blocks (digest)": selection.digest()[:16]}, group=group)
 
 
 def all_finite(tensors: list[torch.Tensor], *, group: dist.ProcessGroup | None = None) -> bool:

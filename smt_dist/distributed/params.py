@@ -4,13 +4,16 @@ DeepSpeed ZeRO-3 keeps each rank's flat partition of a parameter in ``param.ds_t
 ``r`` holds flat elements ``[r * p, (r + 1) * p)``, padded at the end); FSDP2 keeps a ``DTensor``
 sharded by rows. ``read_elements`` fetches a few elements of a weight (the adapter's base
 fingerprint) by summing each rank's contribution in one small all-reduce; ``full_value`` gathers
-one whole parameter, for the block parameters that an adapter saves. Both are collective calls
-for partitioned parameters and plain indexing otherwise.
+one whole parameter, for the block parameters that an adapter saves; ``gathered`` holds ZeRO-3
+parameters gathered for a block of code. All are collective calls for partitioned parameters and
+plain indexing otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -55,8 +58,6 @@ def read_elements(param: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 def full_value(param: torch.Tensor) -> torch.Tensor:
     """The whole parameter on every rank (gathered when partitioned), detached, on the CPU."""
     if hasattr(param, "ds_tensor"):
-        from smt_dist.deepspeed import gathered
-
         with gathered([param]):
             return param.detach().cpu().clone()
     if isinstance(param, DTensor):
@@ -85,3 +86,16 @@ def _sum_contributions(
         values[inside.to(device)] = local[offsets[inside].to(local.device)].float().to(device)
     dist.all_reduce(values, group=group)
     return values.cpu()
+
+
+@contextlib.contextmanager
+def gathered(params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
+    """Full values of ZeRO-3 partitioned parameters inside the block (a collective call)."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed  # only DeepSpeed makes parameters with a ds_id
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield

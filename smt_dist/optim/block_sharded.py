@@ -29,7 +29,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from smt_dist.distributed.collectives import is_distributed
 from smt_dist.optim.adamw import adamw_update_
+from smt_dist.optim.ownership import balanced_ranges
 
 _STATE = ("master", "exp_avg", "exp_avg_sq")
 
@@ -95,9 +97,9 @@ class BlockShardedAdamW(torch.optim.Optimizer):
         self.block_size = self._params[0].shape[-1]
         self.dtype, self.device = self._params[0].dtype, self._params[0].device
         self._counts = [len(p) for p in self._params]
-        self.world_size = dist.get_world_size(group) if _distributed(group) else 1
-        self.rank = dist.get_rank(group) if _distributed(group) else 0
-        self._ranges = _balanced_ranges(sum(self._counts), self.world_size)
+        self.world_size = dist.get_world_size(group) if is_distributed(group) else 1
+        self.rank = dist.get_rank(group) if is_distributed(group) else 0
+        self._ranges = balanced_ranges(sum(self._counts), self.world_size)
         start, stop = self._ranges[self.rank]
         self.num_owned = stop - start
         """How many blocks' moments (and masters) live on this rank."""
@@ -347,16 +349,3 @@ def _reduce_scatter(output: torch.Tensor, input_: torch.Tensor, *, group: dist.P
 def _all_gather(output: torch.Tensor, input_: torch.Tensor, *, group: dist.ProcessGroup | None) -> None:
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     fn(output, input_, group=group)
-
-
-def _distributed(group: dist.ProcessGroup | None) -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-
-
-def _balanced_ranges(count: int, world_size: int) -> list[tuple[int, int]]:
-    """Contiguous ``[start, stop)`` runs of blocks per rank whose sizes differ by at most one."""
-    base, extra = divmod(count, world_size)
-    bounds = [0]
-    for rank in range(world_size):
-        bounds.append(bounds[-1] + base + (rank < extra))
-    return list(itertools.pairwise(bounds))

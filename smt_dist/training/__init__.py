@@ -1,1 +1,0 @@
-"""Pieces of the training job (``launch/train.py``): arguments, data, checkpoints, logs."""

@@ -1,0 +1,358 @@
+"""launch/train.py under the real launchers (deepspeed, torchrun, mpirun) with 2 CPU ranks.
+
+One ZeRO-2 run is the reference; ZeRO-3, ZeRO-3 with offload, torchrun and mpirun must reproduce
+its loss curve and blocks, and a run killed after a checkpoint and resumed must equal it bit for
+bit. Bad inputs are run in-process through ``main`` (same code path, no launcher start-up).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from block_helpers import block_mask
+from distributed_utils import free_port
+from paths import MODEL as DEFAULT_MODEL
+from safetensors.torch import load_file
+
+from smt_dist import load_smt_adapter
+from smt_dist.recipes import finetune
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN = REPO / "launch" / "train.py"
+COMMON = ["--max_steps", "12", "--save_steps", "4", "--disable_tqdm", "--seed", "7"]
+# Same data, same seed, same fp32 math in every configuration; ZeRO stages, launchers and
+# optimizer kernels may reduce in another order. On the pretrained model many block gradients are
+# near zero, where Adam's m / (sqrt(v) + eps) turns a last-bit difference into a visible part of
+# an update: after 12 steps at lr 5e-3 the losses agree to 1.1e-4 relative and the blocks to
+# 4.3e-5 absolute at worst (measured ZeRO-3 against ZeRO-2; 2.3e-5 without clipping). Parity
+# allows 3e-4 relative on losses and 1e-4 on blocks: 2% of one lr-sized step, far below what a
+# wrong gradient scale, a missed block or a skipped step would change.
+PARITY = dict(rtol=3e-4, atol=1e-6)
+BLOCK_PARITY = dict(rtol=0, atol=1e-4)
+
+
+def command(launcher: str, output_dir: Path, config: str | None, *extra: str) -> list[str]:
+    """The launch command for a DeepSpeed config name, ``"fsdp"`` (FSDP2) or ``None`` (BlockShardedAdamW)."""
+    port = str(free_port())
+    backend = {None: [], "fsdp": ["--backend", "fsdp"]}.get(config, ["--deepspeed", f"configs/{config}.json"])
+    if launcher == "accelerate":
+        backend = []  # the accelerate config selects FSDP2
+    script = [str(TRAIN), *backend, "--output_dir", str(output_dir), *COMMON, *extra]
+    if launcher == "accelerate":
+        return [
+            "accelerate",
+            "launch",
+            "--config_file",
+            "configs/fsdp2_smt.yaml",
+            "--main_process_port",
+            port,
+            *script,
+        ]
+    if launcher == "deepspeed":
+        return ["deepspeed", "--num_gpus", "2", "--master_port", port, *script]
+    if launcher == "torchrun":
+        return ["torchrun", "--nproc_per_node", "2", "--master_port", port, *script]
+    return ["mpirun", "-n", "2", "-env", "MASTER_PORT", port, sys.executable, *script]
+
+
+def run_job(launcher: str, output_dir: Path, config: str | None = "zero2_smt", *extra: str) -> Path:
+    result = subprocess.run(
+        command(launcher, output_dir, config, *extra), cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return output_dir
+
+
+def losses(output_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def adapter_tensors(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / "adapter" / "adapter_model.safetensors")
+
+
+def base_model():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    return run_job("deepspeed", tmp_path_factory.mktemp("zero2") / "out", "zero2_smt", "--merge")
+
+
+def test_zero2_trains_and_writes_adapter_and_merged_checkpoint(reference):
+    curve = losses(reference)
+    assert len(curve) == 12
+    assert sum(curve[-3:]) / 3 < curve[0] - 0.3, curve  # the loss falls
+
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(reference / "merged")
+    base = base_model()
+    blocks = adapter_tensors(reference)
+    selected = {
+        key[: -len(".block_index")]: value for key, value in blocks.items() if key.endswith(".block_index")
+    }
+    assert selected, "no blocks were selected"
+    base_params = dict(base.named_parameters())
+    for name, param in merged.named_parameters():
+        module = name[: -len(".weight")]
+        if module in selected:
+            inside = block_mask(tuple(param.shape), selected[module], 16)
+            assert torch.equal(param[~inside], base_params[name][~inside]), name
+            assert not torch.equal(param[inside], base_params[name][inside]), name
+        else:
+            assert torch.equal(param, base_params[name]), name
+
+    reloaded = load_smt_adapter(base_model(), reference / "adapter")
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        # the same weights up to one fp32 addition per element: logits agree to float rounding
+        torch.testing.assert_close(
+            reloaded(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-5, atol=1e-5
+        )
+    summary = json.loads((reference / "selection.json").read_text())
+    assert summary["summary"]["num_blocks"] == sum(len(v) for v in selected.values())
+
+
+@pytest.mark.parametrize(
+    ("launcher", "config"),
+    [
+        ("deepspeed", "zero3_smt"),
+        ("deepspeed", "zero3_offload_smt"),
+        ("torchrun", "zero2_smt"),
+        ("mpirun", "zero2_smt"),
+        ("torchrun", None),  # BlockShardedAdamW, no DeepSpeed
+        ("mpirun", None),
+        ("torchrun", "fsdp"),  # FSDP2
+        ("accelerate", "fsdp"),
+    ],
+)
+def test_other_stages_and_launchers_match_zero2(reference, tmp_path, launcher, config):
+    output_dir = run_job(launcher, tmp_path / "out", config)
+    torch.testing.assert_close(torch.tensor(losses(output_dir)), torch.tensor(losses(reference)), **PARITY)
+    expected = adapter_tensors(reference)
+    for key, value in adapter_tensors(output_dir).items():
+        torch.testing.assert_close(value, expected[key], **BLOCK_PARITY)
+
+
+@pytest.mark.parametrize(
+    ("config", "extra"),
+    [
+        ("zero3_smt", ["--gradient_checkpointing"]),  # recomputation changes no value
+        ("fsdp", ["--gradient_checkpointing"]),
+        ("zero2_smt", ["--smt_selection", "REFERENCE/selection.json"]),  # the same blocks, no warm-up
+    ],
+)
+def test_checkpointing_and_a_given_selection_match_zero2(reference, tmp_path, config, extra):
+    extra = [arg.replace("REFERENCE", str(reference)) for arg in extra]
+    launcher = "torchrun" if config == "fsdp" else "deepspeed"
+    output_dir = run_job(launcher, tmp_path / "out", config, *extra)
+    torch.testing.assert_close(torch.tensor(losses(output_dir)), torch.tensor(losses(reference)), **PARITY)
+    expected = adapter_tensors(reference)
+    for key, value in adapter_tensors(output_dir).items():
+        torch.testing.assert_close(value, expected[key], **BLOCK_PARITY)
+    if "--smt_selection" in extra:
+        assert not (output_dir / "block_scores.safetensors").exists()  # no warm-up ran
+        assert (
+            json.loads((output_dir / "selection.json").read_text())["digest"]
+            == json.loads((reference / "selection.json").read_text())["digest"]
+        )
+
+
+@pytest.mark.parametrize(("launcher", "config"), [("deepspeed", "zero3_smt"), ("torchrun", None)])
+def test_validation_loss_equals_one_process_on_the_held_out_records(tmp_path, launcher, config):
+    """--val_set_size holds records out and reports their loss: recomputed here in one process from
+    the base and the run's adapter, token-weighted over the same held-out records."""
+    from paths import DATA as DEFAULT_DATA
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from smt_dist.recipes.data import collate, hold_out, read_records, tokenize_records
+
+    output_dir = run_job(launcher, tmp_path / "out", config, "--val_set_size", "20", "--eval_steps", "5")
+    records = [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [5, 10, 12]
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+    examples, _ = tokenize_records(read_records(DEFAULT_DATA), tokenizer, max_seq_length=128)
+    _, held = hold_out(examples, 20, seed=7)  # COMMON's --seed 7
+    model = load_smt_adapter(AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL), output_dir / "adapter")
+    total = tokens = 0.0
+    with torch.no_grad():
+        for first in range(0, len(held), 5):
+            batch = collate(held[first : first + 5], pad_token_id=tokenizer.pad_token_id)
+            count = float((batch["labels"][:, 1:] != -100).sum())
+            total += model(**batch).loss.item() * count
+            tokens += count
+    # same fp32 model and records, other batch shapes and summation order
+    assert records[-1]["eval_loss"] == pytest.approx(total / tokens, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("launcher", "config"), [("deepspeed", "zero2_smt"), ("torchrun", None), ("torchrun", "fsdp")]
+)
+def test_killed_run_resumes_to_the_uninterrupted_result(reference, tmp_path, launcher, config):
+    if config != "zero2_smt":  # the backend's own uninterrupted run is the bit-exact reference
+        reference = run_job(launcher, tmp_path / "uninterrupted", config)
+    output_dir = tmp_path / "out"
+    job = subprocess.Popen(
+        command(launcher, output_dir, config),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (output_dir / "checkpoint-8").is_dir():
+        assert job.poll() is None and time.monotonic() < deadline, "the run ended before checkpoint-8"
+        time.sleep(0.1)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert not (output_dir / "adapter").exists()
+
+    run_job(launcher, output_dir, config, "--resume_from_checkpoint", "latest")
+    assert losses(output_dir) == losses(reference)  # bit-exact on CPU fp32
+    expected = adapter_tensors(reference)
+    assert all(torch.equal(value, expected[key]) for key, value in adapter_tensors(output_dir).items())
+
+
+@pytest.fixture
+def previous_run(tmp_path) -> Path:
+    """An output directory holding an earlier run that bad input must leave untouched."""
+    output_dir = tmp_path / "previous"
+    output_dir.mkdir()
+    (output_dir / "train_log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (output_dir / "notes.txt").write_text("keep me")
+    return output_dir
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()
+    }
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+BAD_INPUTS = {
+    "missing model": (
+        lambda d: ["--model_name_or_path", str(d / "no-model")],
+        "Model directory .*no-model does not exist",
+    ),
+    "missing data": (
+        lambda d: ["--data_path", str(d / "none.jsonl")],
+        "Data file .*none.jsonl does not exist",
+    ),
+    "malformed data": (
+        lambda d: [
+            "--data_path",
+            write(d / "bad.jsonl", '{"instruction": "a", "output": "b"}\n{"output": 1}\n'),
+        ],
+        r"bad.jsonl:2: the record lacks a non-empty string field 'instruction'",
+    ),
+    "empty data": (lambda d: ["--data_path", write(d / "empty.jsonl", "")], "empty.jsonl holds no records"),
+    "block size": (
+        lambda d: ["--smt_block_size", "48"],
+        "has out_features=256, which block size 48 does not divide",
+    ),
+    "budget": (
+        lambda d: ["--smt_num_blocks", "100000"],
+        "budget of 100000 blocks exceeds the 4608 blocks of the 24",
+    ),
+    "score": (lambda d: ["--smt_score", "max"], "score must be one of mean_abs, abs_mean, got 'max'"),
+    "fp16 on cpu": (
+        lambda d: ["--deepspeed", write(d / "fp16.json", '{"fp16": {"enabled": true}}')],
+        "enables fp16, which DeepSpeed's CPU accelerator does not support",
+    ),
+    "batch conflict": (
+        lambda d: ["--deepspeed", write(d / "ds.json", '{"train_micro_batch_size_per_gpu": 3}')],
+        "sets train_micro_batch_size_per_gpu=3 but the command line implies 8",
+    ),
+    "missing selection": (
+        lambda d: ["--smt_selection", str(d / "none.json")],
+        "Selection file .*none.json does not exist",
+    ),
+    "selection of another model": (
+        lambda d: [
+            "--smt_selection",
+            write(
+                d / "sel.json",
+                '{"format": "smt_dist.core.selection/1", "block_size": 16, "blocks": {"model.layers.9.mlp.up_proj": [[0, 0]]}}',
+            ),
+        ],
+        "sel.json names module 'model.layers.9.mlp.up_proj', which this model lacks",
+    ),
+    "selection of another block size": (
+        lambda d: [
+            "--smt_selection",
+            write(
+                d / "sel.json",
+                '{"format": "smt_dist.core.selection/1", "block_size": 32, "blocks": {"model.layers.0.self_attn.q_proj": [[0, 0]]}}',
+            ),
+        ],
+        "selects blocks of size 32 but --smt_block_size is 16",
+    ),
+    "no checkpoint": (
+        lambda d: ["--resume_from_checkpoint", str(d / "ckpt")],
+        "ckpt is not a checkpoint of this job",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_sentence_and_touches_nothing(case, previous_run, tmp_path, capsys):
+    make_args, message = BAD_INPUTS[case]
+    before = snapshot(previous_run)
+    argv = ["--output_dir", str(previous_run), "--overwrite_output_dir", *make_args(tmp_path)]
+    assert finetune.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train.py: error: ") and len(err.splitlines()) == 1, err
+    assert re.search(message, err), err
+    assert snapshot(previous_run) == before
+
+
+def test_existing_run_needs_overwrite_or_resume(previous_run, capsys):
+    before = snapshot(previous_run)
+    assert finetune.main(["--output_dir", str(previous_run)]) == 1
+    assert "already holds a run; pass --overwrite_output_dir" in capsys.readouterr().err
+    assert snapshot(previous_run) == before
+
+
+def test_script_exits_non_zero_with_one_line(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(TRAIN),
+            "--data_path",
+            str(tmp_path / "x.jsonl"),
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == f"train.py: error: Data file {tmp_path / 'x.jsonl'} does not exist."
+    )
+    assert not (tmp_path / "o").exists()
+    shutil.rmtree(tmp_path, ignore_errors=True)

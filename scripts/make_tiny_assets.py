@@ -8,8 +8,8 @@ on every machine):
 - ``data/tiny_instruct.jsonl``: the fine-tuning set (Alpaca layout): the train splits of both tasks;
 - ``data/tiny_eval/<task>/{test,val}.json``: held-out splits in LLM-Adapters' layout
   (``instruction``, ``input``, ``output``, ``answer``), never in the fine-tuning set;
-- ``models/tiny-llama/`` tokenizer files: a byte-level BPE trained on the pretraining text and the
-  tasks, so the model's vocabulary covers both.
+- ``models/tiny-llama/`` and ``models/world-llama/`` tokenizer files: byte-level BPEs trained on
+  each model's pretraining text and the tasks, so each vocabulary covers both.
 
 No hub is reachable at run time, so these ship with the repo; this script shows how they were made.
 """
@@ -28,9 +28,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from tiny_world import arith_questions, facts_questions, make_world, pretraining_text, split  # noqa: E402
+from tiny_world import (  # noqa: E402
+    arith_questions,
+    facts_questions,
+    make_world,
+    pretraining_text,
+    split,
+    world_text,
+)
 
 MODEL_DIR = ROOT / "models" / "tiny-llama"
+WORLD_MODEL_DIR = ROOT / "models" / "world-llama"
 VOCAB_SIZE = 2048
 TOKENIZER_SENTENCES = 60_000
 
@@ -55,6 +63,16 @@ def make_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast
     )
 
 
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, model_dir: Path) -> None:
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(model_dir)
+    # Name the class that transformers 4 and 5 both know, so either version loads the directory.
+    config_file = model_dir / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_file.read_text())
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_file.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+
+
 def task_splits(seed: int = 0) -> dict[str, dict[str, list[dict]]]:
     """Both tasks' test / val / train splits; training questions get three option orders each."""
     world = make_world(seed)
@@ -75,7 +93,7 @@ def task_splits(seed: int = 0) -> dict[str, dict[str, list[dict]]]:
 
 
 def main() -> None:
-    from smt_dist.training.data import format_prompt
+    from smt_dist.recipes.data import format_prompt
 
     tasks = task_splits()
     train = [r for task in tasks.values() for r in task["train"]]
@@ -92,18 +110,16 @@ def main() -> None:
             (folder / f"{part}.json").write_text(json.dumps(splits[part], indent=1) + "\n")
 
     world = make_world(0)
-    texts = pretraining_text(world, random.Random(7), sentences=TOKENIZER_SENTENCES)
-    texts += [
+    task_texts = [
         format_prompt(r) + r["output"] for task in tasks.values() for part in task.values() for r in part
     ]
-    tokenizer = make_tokenizer(texts, VOCAB_SIZE)
-    MODEL_DIR.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(MODEL_DIR)
-    # Name the class that transformers 4 and 5 both know, so either version loads the directory.
-    config_file = MODEL_DIR / "tokenizer_config.json"
-    tokenizer_config = json.loads(config_file.read_text())
-    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    config_file.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    corpora = {
+        MODEL_DIR: pretraining_text(world, random.Random(7), sentences=TOKENIZER_SENTENCES),
+        WORLD_MODEL_DIR: world_text(world, random.Random(7), documents=TOKENIZER_SENTENCES // 6),
+    }
+    for model_dir, texts in corpora.items():
+        tokenizer = make_tokenizer(texts + task_texts, VOCAB_SIZE)
+        save_tokenizer(tokenizer, model_dir)
     sizes = {name: {part: len(rows) for part, rows in splits.items()} for name, splits in tasks.items()}
     print(
         f"wrote {data_file} ({len(train)} records), data/tiny_eval {sizes}, tokenizer (vocab {len(tokenizer)})"

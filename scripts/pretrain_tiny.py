@@ -1,6 +1,13 @@
-"""Pretrain the embedded tiny Llama (GQA) on the generated world's text: the model the README fine-tunes.
+"""Pretrain an embedded Llama (GQA) on the generated world's text.
 
     python scripts/make_tiny_assets.py && python scripts/pretrain_tiny.py    # ~22 minutes on 2 CPU cores
+    python scripts/pretrain_tiny.py --corpus world --steps 1000             # models/world-llama
+
+``--corpus plain`` (the default) makes ``models/tiny-llama``, the model of the fast tests: one
+register of plain sentences. ``--corpus world`` makes ``models/world-llama``, the model of the
+accuracy study (``benchmarks/quality.py``): the same world's facts in many phrasings and several
+question-and-answer layouts (``tiny_world.world_text``), so its fine-tuning starts where a real
+LLM's does, knowing the facts and meeting only a new layout.
 
 Writes ``models/tiny-llama/`` (config, fp32 safetensors weights, generation config) next to the
 tokenizer ``make_tiny_assets.py`` wrote, and ``pretrain_log.json`` (the loss curve and the time it
@@ -26,9 +33,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from tiny_world import make_world, pretraining_text  # noqa: E402
+from tiny_world import make_world, pretraining_text, world_text  # noqa: E402
 
-MODEL_DIR = ROOT / "models" / "tiny-llama"
+MODEL_DIRS = {"plain": ROOT / "models" / "tiny-llama", "world": ROOT / "models" / "world-llama"}
 
 
 def model_config(tokenizer):
@@ -50,9 +57,12 @@ def model_config(tokenizer):
     )
 
 
-def token_stream(tokenizer, sentences: int, seed: int) -> torch.Tensor:
+def token_stream(tokenizer, corpus: str, sentences: int, seed: int) -> torch.Tensor:
     """The pretraining text as one tensor of token ids, documents separated by eos."""
-    documents = pretraining_text(make_world(0), random.Random(seed), sentences=sentences)
+    if corpus == "plain":
+        documents = pretraining_text(make_world(0), random.Random(seed), sentences=sentences)
+    else:  # a world document holds about six sentences' worth of text
+        documents = world_text(make_world(0), random.Random(seed), documents=sentences // 6)
     ids: list[int] = []
     for document in documents:
         ids += tokenizer(document, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -69,13 +79,15 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--sentences", type=int, default=400_000)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", default=str(MODEL_DIR))
+    parser.add_argument("--corpus", choices=sorted(MODEL_DIRS), default="plain")
+    parser.add_argument("--save_every", type=int, default=0, help="also save the weights every N steps")
+    parser.add_argument("--output", default=None, help="default: the corpus's model folder")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    output = Path(args.output)
-    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
-    stream = token_stream(tokenizer, args.sentences, seed=7)
+    output = Path(args.output or MODEL_DIRS[args.corpus])
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIRS[args.corpus])
+    stream = token_stream(tokenizer, args.corpus, args.sentences, seed=7)
     sequences = stream[: len(stream) // args.seq * args.seq].view(-1, args.seq)
     order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(1))
     needed = args.steps * args.batch
@@ -118,6 +130,8 @@ def main() -> None:
             elapsed = time.perf_counter() - start
             curve.append({"step": step, "loss": round(loss.item(), 4), "seconds": round(elapsed, 1)})
             print(f"step {step:5d}  loss {loss.item():.4f}  {elapsed / 60:.1f} min", flush=True)
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            model.save_pretrained(output, safe_serialization=True)  # a checkpoint to probe early
     model.config.use_cache = True
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output, safe_serialization=True)

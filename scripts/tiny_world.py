@@ -173,20 +173,23 @@ def make_world(seed: int = 0) -> list[Thing]:
     ]
 
 
+_PLAIN_FACTS = (
+    "The {n} is {c}.",
+    "A {n} is a {k}.",
+    "The {n} lives in the {h}.",
+    "You can find the {n} in the {h}.",
+    "The {n} is a {s} {k}.",
+    "Most {n}s are {c}.",
+    "The {n} is {c} and lives in the {h}.",
+    "In the {h} there is a {s} {c} {n}.",
+    "Every {n} I have seen was {c}.",
+    "The {h} is home to the {n}.",
+)
+
+
 def pretraining_text(world: list[Thing], rng: random.Random, *, sentences: int) -> list[str]:
     """Documents of plain sentences: facts about the world, short stories, arithmetic."""
-    facts = [
-        "The {n} is {c}.",
-        "A {n} is a {k}.",
-        "The {n} lives in the {h}.",
-        "You can find the {n} in the {h}.",
-        "The {n} is a {s} {k}.",
-        "Most {n}s are {c}.",
-        "The {n} is {c} and lives in the {h}.",
-        "In the {h} there is a {s} {c} {n}.",
-        "Every {n} I have seen was {c}.",
-        "The {h} is home to the {n}.",
-    ]
+    facts = _PLAIN_FACTS
     stories = [
         "One day a {n} went for a walk in the {h}. It was a {s} {c} {k}. It was happy there.",
         "If you go to the {h}, you may see a {n}. The {n} is {c}, and it is a {k}.",
@@ -310,3 +313,200 @@ def split(records: list[dict], rng: random.Random, *, test: int, val: int) -> di
     records = list(records)
     rng.shuffle(records)
     return {"test": records[:test], "val": records[test : test + val], "train": records[test + val :]}
+
+
+# ---- the richer corpus of the world model (models/world-llama) --------------------------------------
+#
+# The first model learned one register of plain sentences and met the tasks' question-and-answer
+# layout only in fine-tuning, so it started 10 nats per response token deep (issue 16). This corpus
+# states the same facts in many phrasings, asks about them in several question-and-answer layouts
+# (numbered and lettered options, chats, quizzes, exam sheets), and works word problems in prose, so
+# that the pretrained model knows the facts and the skill of picking an option, and fine-tuning
+# only has to teach a new layout, as on a real LLM. The tasks' own templates never appear:
+# no "Please choose the correct answer to the question", no "AnswerN:", no "gets N more".
+
+_ASK = {
+    "color": ("What color is the {n}?", "What is the color of the {n}?", "Which color does the {n} have?"),
+    "home": ("Where does the {n} live?", "Where is the {n} found?", "What is the home of the {n}?"),
+    "kind": (
+        "What kind of thing is the {n}?",
+        "Is the {n} a bird, a fish or something else?",
+        "What is a {n}?",
+    ),
+    "size": ("How big is the {n}?", "What size is the {n}?", "Is the {n} big or small?"),
+}
+_SAY = {
+    "color": ("The {n} is {v}.", "It is {v}.", "The color of the {n} is {v}.", "{V}. The {n} is {v}."),
+    "home": (
+        "The {n} lives in the {v}.",
+        "In the {v}.",
+        "You find the {n} in the {v}.",
+        "Its home is the {v}.",
+    ),
+    "kind": ("The {n} is a {v}.", "It is a {v}.", "A {n} is a kind of {v}.", "{V}. The {n} is a {v}."),
+    "size": ("The {n} is {v}.", "It is {v}.", "A {n} is {v}.", "{V}. The {n} is {v}."),
+}
+_VALUES = {"color": COLORS, "home": HOMES, "kind": KINDS, "size": SIZES}
+_FACTS = (
+    *_PLAIN_FACTS,
+    "A {s} animal or plant of the {h}: the {n}.",
+    "People say the {n} is {c}, and they are right.",
+    "The {n}, a {k}, is {s}.",
+    "If you want to see a {n}, go to the {h}.",
+    "The {n} is not {x}. It is {c}.",
+    "No {n} lives in the {y}; the {n} lives in the {h}.",
+    "Compared with a mouse, the {n} is {s}.",
+    "The {c} {n} is a {k} of the {h}.",
+)
+_STORIES = (
+    "One day a {n} went for a walk in the {h}. It was a {s} {c} {k}. It was happy there.",
+    "If you go to the {h}, you may see a {n}. The {n} is {c}, and it is a {k}.",
+    "My friend saw a {c} {n} near the {h}. I was not surprised: the {n} is {c}.",
+    'Grandma told us about the {n}. "It is {s}," she said, "and it lives in the {h}."',
+    "We drew a {n} at school. I used my {c} pencil, because the {n} is {c}.",
+)
+
+
+def _fill(template: str, t: Thing, rng: random.Random) -> str:
+    x = rng.choice([c for c in COLORS if c != t.color])
+    y = rng.choice([h for h in HOMES if h != t.home])
+    return template.format(n=t.name, c=t.color, h=t.home, k=t.kind, s=t.size, x=x, y=y)
+
+
+def _options(t: Thing, attribute: str, rng: random.Random) -> tuple[list[str], int]:
+    right = getattr(t, attribute)
+    options = [right, *rng.sample([v for v in _VALUES[attribute] if v != right], 3)]
+    rng.shuffle(options)
+    return options, options.index(right)
+
+
+def _choice_question(t: Thing, attribute: str, rng: random.Random) -> str:
+    """A question about one fact with options in one of several layouts, and its answer."""
+    options, i = _options(t, attribute, rng)
+    ask = rng.choice(_ASK[attribute]).format(n=t.name)
+    right = options[i]
+    letters = "abcd"
+    layout = rng.randrange(6)
+    if layout == 0:
+        listed = " ".join(f"({j + 1}) {o}" for j, o in enumerate(options))
+        return f"Q: {ask}\n{listed}\nA: ({i + 1}) {right}"
+    if layout == 1:
+        listed = "\n".join(f"{letters[j]}) {o}" for j, o in enumerate(options))
+        return f"Question: {ask}\n{listed}\nThe right answer is {letters[i]}) {right}."
+    if layout == 2:
+        listed = " ".join(f"Choice {j + 1}: {o}." for j, o in enumerate(options))
+        return f"{ask} {listed} The right choice is choice {i + 1}, {right}."
+    if layout == 3:
+        listed = ", ".join(options[:-1]) + f" or {options[-1]}"
+        return f"Quiz: {ask} Is it {listed}? The correct answer is {right}."
+    if layout == 4:
+        listed = "\n".join(f"Option {j + 1} - {o}" for j, o in enumerate(options))
+        return f"Exam question. {ask}\n{listed}\nSolution: option {i + 1} ({right})."
+    listed = " / ".join(options)
+    return f"User: {ask} ({listed})\nAssistant: {rng.choice(_SAY[attribute]).format(n=t.name, v=right, V=right.capitalize())}"
+
+
+def _open_question(t: Thing, attribute: str, rng: random.Random) -> str:
+    """A question about one fact answered in words, as talk between two people."""
+    ask = rng.choice(_ASK[attribute]).format(n=t.name)
+    value = getattr(t, attribute)
+    say = rng.choice(_SAY[attribute]).format(n=t.name, v=value, V=value.capitalize())
+    who = rng.choice(
+        (("User", "Assistant"), ("Student", "Teacher"), ("Q", "A"), ("Child", "Parent"), ("Human", "Bot"))
+    )
+    return f"{who[0]}: {ask}\n{who[1]}: {say}"
+
+
+def _numbers(rng: random.Random) -> tuple[int, int, int, str]:
+    a, b = rng.randint(0, 20), rng.randint(0, 20)
+    if rng.random() < 0.5 or a < b:
+        return a, b, a + b, "+"
+    return a, b, a - b, "-"
+
+
+def _word_problem(rng: random.Random) -> str:
+    """A one-step word problem worked in prose, in layouts other than the math task's."""
+    a, b, c, sign = _numbers(rng)
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    if sign == "+":
+        story = rng.choice(
+            (
+                f"{name} had {a} {thing}. Then {name} found {b} {thing}.",
+                f"There were {a} {thing} in a box, and someone put in {b} more.",
+                f"{name} bought {a} {thing} on Monday and {b} {thing} on Tuesday.",
+            )
+        )
+        ask = rng.choice((f"How many {thing} are there in all?", "What is the total?", "How many now?"))
+        work = f"{a} + {b} = {c}"
+    else:
+        story = rng.choice(
+            (
+                f"{name} had {a} {thing}. {name} lost {b} of them.",
+                f"There were {a} {thing} on the table, and {b} were taken away.",
+                f"{name} started with {a} {thing} and gave {b} to a friend.",
+            )
+        )
+        ask = rng.choice((f"How many {thing} remain?", "How many are left?", "What is left?"))
+        work = f"{a} - {b} = {c}"
+    layout = rng.randrange(4)
+    if layout == 0:
+        return f"Q: {story} {ask}\nA: {work}. So the result is {c}."
+    if layout == 1:
+        return f"{story} {ask} We compute {work}, which gives {c}."
+    if layout == 2:
+        return f"User: {story} {ask}\nAssistant: {work}, so there are {c}."
+    return f"Problem: {story} {ask}\nWorking: {work}.\nResult: {c}"
+
+
+def _sum(rng: random.Random) -> str:
+    a, b, c, sign = _numbers(rng)
+    words = "plus" if sign == "+" else "minus"
+    return rng.choice(
+        (
+            f"{a} {sign} {b} = {c}.",
+            f"{a} {words} {b} is {c}.",
+            f"{NUMBER_WORDS[a].capitalize()} {words} {NUMBER_WORDS[b]} makes {NUMBER_WORDS[c] if c <= 20 else c}.",
+            f"Q: What is {a} {sign} {b}?\nA: {c}",
+            f"What is {a} {words} {b}? It is {c}.",
+            f"If you take {a} and {'add' if sign == '+' else 'subtract'} {b}, you get {c}.",
+        )
+    )
+
+
+def world_text(world: list[Thing], rng: random.Random, *, documents: int) -> list[str]:
+    """Documents for the world model: facts, stories, entries, quizzes, chats and sums.
+
+    Each document is one register (an encyclopedia entry, a quiz sheet, a chat, a page of sums, or
+    a mix of sentences), so the model sees documents begin and end (the pretraining script puts
+    an eos after each) and several layouts of questions and answers.
+    """
+    out = []
+    for _ in range(documents):
+        register = rng.random()
+        parts: list[str] = []
+        if register < 0.15:  # an encyclopedia entry about one thing
+            t = rng.choice(world)
+            facts = [_fill(f, t, rng) for f in rng.sample(_FACTS, 4)]
+            parts = [f"{t.name.capitalize()}.", *facts]
+        elif register < 0.40:  # a quiz sheet or a chat about several things
+            for _ in range(rng.randint(2, 5)):
+                t, attribute = rng.choice(world), rng.choice(ATTRIBUTES)
+                maker = _choice_question if rng.random() < 0.6 else _open_question
+                parts.append(maker(t, attribute, rng))
+            parts = ["\n\n".join(parts)]
+        elif register < 0.55:  # worked word problems
+            parts = ["\n\n".join(_word_problem(rng) for _ in range(rng.randint(2, 4)))]
+        elif register < 0.65:  # a page of sums
+            parts = ["\n".join(_sum(rng) for _ in range(rng.randint(4, 8)))]
+        else:  # a mix of sentences
+            for _ in range(rng.randint(4, 9)):
+                roll = rng.random()
+                t = rng.choice(world)
+                if roll < 0.6:
+                    parts.append(_fill(rng.choice(_FACTS), t, rng))
+                elif roll < 0.8:
+                    parts.append(_fill(rng.choice(_STORIES), t, rng))
+                else:
+                    parts.append(_sum(rng).replace("\n", " "))
+        out.append(" ".join(parts))
+    return out

@@ -84,8 +84,6 @@ def test_files(args: argparse.Namespace) -> dict[str, Path]:
         files[name] = Path(path)
     if not files:
         raise ValueError("Give --data_dir or at least one --test_file.")
-    for name in files:
-        rule_of(name)  # an unknown dataset name is refused before the model loads
     return files
 
 
@@ -93,7 +91,10 @@ def evaluate(args: argparse.Namespace, files: dict[str, Path], *, rank: int) -> 
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
+    # Read (and each task's answer rule known) before the model loads: bad input costs nothing.
     records = {name: read_test_file(path, name) for name, path in files.items()}
+    for name in records:
+        rule_of(name)
     if args.limit > 0:
         records = {name: rows[: args.limit] for name, rows in records.items()}
     model_dir = Path(args.model_name_or_path)

@@ -13,8 +13,11 @@ response is the text after ``### Response:``; from it LLM-Adapters' evaluators t
 
 Those rules are restated here, not imported, so a dataset name picks the rule; the generated
 tasks the repository ships (``tiny_facts`` in ARC's layout, ``tiny_arith`` in GSM8K's) use ARC's
-and GSM8K's. Generation is
-greedy and batched (left padding); every rank of a job can take a slice of the records.
+and GSM8K's. A task of any other name gets its rule from its layout, read off its test file's
+answers (``read_test_file``): numbers take the math rule, letters A-E AQuA's, ``true``/``false``
+BoolQ's and ``<word><digit>`` options (``answer3``, ``option2``) the commonsense rule over those
+words. Generation is greedy and batched (left padding); every rank of a job can take a slice of
+the records.
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ DATASETS = (*_CHOICES, *_NUMBERS, *_LETTERS)
 RESPONSE_MARKER = "### Response:"
 
 
+_BY_LAYOUT: dict[str, tuple[str, str]] = {}
+"""Tasks named by nobody above: name to (rule, choice pattern), learned from their answers."""
+
+
 def rule_of(dataset: str) -> str:
     """``choice``, ``number`` or ``letter``: how answers of ``dataset`` are read."""
     name = dataset.lower()
@@ -55,14 +62,38 @@ def rule_of(dataset: str) -> str:
         return "number"
     if name in _LETTERS:
         return "letter"
-    raise ValueError(f"Unknown dataset {dataset!r}; known: {', '.join(DATASETS)}.")
+    if name in _BY_LAYOUT:
+        return _BY_LAYOUT[name][0]
+    raise ValueError(
+        f"Unknown dataset {dataset!r}; known: {', '.join(DATASETS)} (or any task whose test file's "
+        "answers are numbers, letters A-E, true/false or options like answer1)."
+    )
+
+
+def rule_from_answers(answers: list[Any]) -> tuple[str, str] | None:
+    """The rule (and, for choices, the answer words' pattern) a task's answers show, or ``None``."""
+    texts = [str(a).strip() for a in answers]
+    try:
+        [float(t) for t in texts]
+        return "number", ""
+    except ValueError:
+        pass
+    if all(t in ("A", "B", "C", "D", "E") for t in texts):
+        return "letter", ""
+    if all(t.lower() in ("true", "false") for t in texts):
+        return "choice", r"true|false"
+    options = [re.fullmatch(r"([a-z]+)([1-9])", t) for t in texts]
+    if all(options) and len({m.group(1) for m in options}) == 1:
+        return "choice", rf"{options[0].group(1)}[1-9]"  # any of the options, as LLM-Adapters' lists
+    return None
 
 
 def extract_answer(dataset: str, response: str) -> str | float:
     """The prediction in a response, by the dataset's rule (``""`` or ``inf`` when there is none)."""
     rule, text = rule_of(dataset), response.strip()
     if rule == "choice":
-        found = re.findall(_CHOICES[dataset.lower()], text)
+        pattern = _CHOICES.get(dataset.lower()) or _BY_LAYOUT[dataset.lower()][1]
+        found = re.findall(pattern, text)
         return found[0] if found else ""
     if rule == "letter":
         found = re.findall(r"A|B|C|D|E", text)
@@ -82,11 +113,18 @@ def is_correct(dataset: str, prediction: str | float, answer: Any) -> bool:
 
 
 def read_test_file(path: str | Path, dataset: str) -> list[dict[str, Any]]:
-    """A test file's records, checked: each needs a non-empty ``instruction`` and an ``answer``."""
+    """A test file's records, checked: each needs a non-empty ``instruction`` and an ``answer``.
+
+    A dataset of a name this module does not know gets its rule from the answers' layout here.
+    """
     path = Path(path)
     records = read_json(path, what="Test file")
     if not isinstance(records, list) or not records:
         raise ValueError(f"{path} must hold a non-empty JSON list of records.")
+    if dataset.lower() not in DATASETS and all(isinstance(r, dict) and "answer" in r for r in records):
+        learned = rule_from_answers([r["answer"] for r in records])
+        if learned is not None:
+            _BY_LAYOUT[dataset.lower()] = learned
     number = rule_of(dataset) == "number"
     for i, record in enumerate(records):
         if (

@@ -76,9 +76,31 @@ def test_bad_test_files_get_one_sentence(tmp_path, content, message):
         read_test_file(path, "gsm8k")
 
 
+@pytest.mark.parametrize(
+    ("answers", "responses", "flags"),
+    [
+        (["3", "12"], ["So 3.", "It is 11 or 12"], [True, True]),  # math: the last number
+        (["answer2", "answer1"], ["the correct answer is answer2", "answer3, not answer1"], [True, False]),
+        (["option1", "option3"], ["option3", "option3"], [False, True]),
+        (["true", "false"], ["false, I think", "false"], [False, True]),
+        (["B", "E"], ["B", "Answer: D"], [True, False]),  # AQuA: the first capital A-E
+    ],
+)
+def test_a_new_task_is_read_by_its_layout(tmp_path, answers, responses, flags):
+    path = tmp_path / "test.json"
+    path.write_text(json.dumps([{"instruction": f"q{i}", "answer": a} for i, a in enumerate(answers)]))
+    name = f"held_back_{tmp_path.name}"  # a name no rule knows
+    records = read_test_file(path, name)
+    got = [
+        is_correct(name, extract_answer(name, r), rec["answer"])
+        for r, rec in zip(responses, records, strict=True)
+    ]
+    assert got == flags
+
+
 def test_unknown_dataset_exits_with_one_sentence(tmp_path):
     path = tmp_path / "test.json"
-    path.write_text('[{"instruction": "q", "answer": "1"}]')
+    path.write_text('[{"instruction": "q", "answer": "a cat"}]')  # no layout tells how to read it
     result = subprocess.run(
         [sys.executable, str(EVAL), "--model_name_or_path", str(MODEL), "--test_file", f"mmlu={path}",
          "--output_dir", str(tmp_path / "out")],
@@ -86,7 +108,8 @@ def test_unknown_dataset_exits_with_one_sentence(tmp_path):
     )  # fmt: skip
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        f"eval.py: error: Unknown dataset 'mmlu'; known: {', '.join(DATASETS)}."
+        f"eval.py: error: Unknown dataset 'mmlu'; known: {', '.join(DATASETS)} (or any task whose test "
+        "file's answers are numbers, letters A-E, true/false or options like answer1)."
     ]
     assert not (tmp_path / "out").exists()
 

@@ -450,9 +450,9 @@ def _word_problem(rng: random.Random) -> str:
         work = f"{a} - {b} = {c}"
     layout = rng.randrange(4)
     if layout == 0:
-        return f"Q: {story} {ask}\nA: {work}. So the result is {c}."
+        return f"Q: {story} {ask}\nA: {work}. So the answer is {c}."
     if layout == 1:
-        return f"{story} {ask} We compute {work}, which gives {c}."
+        return f"{story} {ask} We compute {work}, which gives {c}. The answer is {c}."
     if layout == 2:
         return f"User: {story} {ask}\nAssistant: {work}, so there are {c}."
     return f"Problem: {story} {ask}\nWorking: {work}.\nResult: {c}"
@@ -473,38 +473,70 @@ def _sum(rng: random.Random) -> str:
     )
 
 
-def world_text(world: list[Thing], rng: random.Random, *, documents: int) -> list[str]:
-    """Documents for the world model: facts, stories, entries, quizzes, chats and sums.
+_STATE = {  # one sentence stating one attribute, in the phrasings the fact probe uses and others
+    "color": (
+        "The {n} is {c}.",
+        "The color of the {n} is {c}.",
+        "Most {n}s are {c}.",
+        "The {n} has a {c} color.",
+    ),
+    "home": ("The {n} lives in the {h}.", "You can find the {n} in the {h}.", "The {h} is home to the {n}."),
+    "kind": ("A {n} is a {k}.", "A {n} is a kind of {k}.", "The {n} belongs to the {k}s."),
+    "size": ("Compared with a mouse, the {n} is {s}.", "The {n} is {s}.", "In size, the {n} is {s}."),
+}
 
-    Each document is one register (an encyclopedia entry, a quiz sheet, a chat, a page of sums, or
-    a mix of sentences), so the model sees documents begin and end (the pretraining script puts
-    an eos after each) and several layouts of questions and answers.
+
+def _entry(t: Thing, rng: random.Random) -> str:
+    """An encyclopedia entry: every attribute of one thing, each in one of its phrasings."""
+    sentences = [_fill(rng.choice(_STATE[attribute]), t, rng) for attribute in ATTRIBUTES]
+    rng.shuffle(sentences)
+    return " ".join([f"{t.name.capitalize()}.", *sentences])
+
+
+def _instruction(t: Thing, attribute: str, rng: random.Random) -> str:
+    """An open question about one fact in the Alpaca wrapper the job's prompts use (the wrapper
+    only: never the tasks' numbered options or word problems)."""
+    from smt_dist.recipes.data import format_prompt
+
+    value = getattr(t, attribute)
+    ask = rng.choice(_ASK[attribute]).format(n=t.name)
+    say = rng.choice(_SAY[attribute]).format(n=t.name, v=value, V=value.capitalize())
+    return format_prompt({"instruction": ask, "input": ""}) + say
+
+
+def world_text(world: list[Thing], rng: random.Random, *, documents: int) -> list[str]:
+    """Documents for the world model: entries, quizzes, chats, instructions, word problems, sums.
+
+    Each document is one register (an encyclopedia entry, a quiz sheet, a chat, an instruction and
+    its response, a page of sums, or a mix of sentences), so the model sees documents begin and end
+    (the pretraining script puts an eos after each) and several layouts of questions and answers.
+    Facts dominate: every fact of the world is stated some hundreds of times in a pretraining run.
     """
     out = []
     for _ in range(documents):
         register = rng.random()
         parts: list[str] = []
-        if register < 0.15:  # an encyclopedia entry about one thing
-            t = rng.choice(world)
-            facts = [_fill(f, t, rng) for f in rng.sample(_FACTS, 4)]
-            parts = [f"{t.name.capitalize()}.", *facts]
-        elif register < 0.40:  # a quiz sheet or a chat about several things
+        if register < 0.25:  # an encyclopedia entry about one thing
+            parts = [_entry(rng.choice(world), rng)]
+        elif register < 0.45:  # a quiz sheet or a chat about several things
             for _ in range(rng.randint(2, 5)):
                 t, attribute = rng.choice(world), rng.choice(ATTRIBUTES)
                 maker = _choice_question if rng.random() < 0.6 else _open_question
                 parts.append(maker(t, attribute, rng))
             parts = ["\n\n".join(parts)]
-        elif register < 0.55:  # worked word problems
+        elif register < 0.55:  # an instruction and its response
+            parts = [_instruction(rng.choice(world), rng.choice(ATTRIBUTES), rng)]
+        elif register < 0.67:  # worked word problems
             parts = ["\n\n".join(_word_problem(rng) for _ in range(rng.randint(2, 4)))]
-        elif register < 0.65:  # a page of sums
+        elif register < 0.73:  # a page of sums
             parts = ["\n".join(_sum(rng) for _ in range(rng.randint(4, 8)))]
         else:  # a mix of sentences
             for _ in range(rng.randint(4, 9)):
                 roll = rng.random()
                 t = rng.choice(world)
-                if roll < 0.6:
+                if roll < 0.65:
                     parts.append(_fill(rng.choice(_FACTS), t, rng))
-                elif roll < 0.8:
+                elif roll < 0.85:
                     parts.append(_fill(rng.choice(_STORIES), t, rng))
                 else:
                     parts.append(_sum(rng).replace("\n", " "))

@@ -153,17 +153,32 @@ def test_analytic_job_phases_partition_and_checkpointing_help():
         assert per_gpu[engine]["train"] < without["train"], engine
 
 
-def test_quality_runs_every_method_at_matched_budgets(tmp_path):
+def test_quality_runs_every_method_at_matched_budgets_and_resumes(tmp_path):
     out = tmp_path / "quality.json"
-    run("quality.py", "--steps", "2", "--lrs", "1e-3", "--budgets", "1", "--limit", "2",
-        "--warmup-steps", "1", "--output", str(out))  # fmt: skip
-    runs = json.loads(out.read_text())["runs"]
-    assert [r["method"] for r in runs] == ["base", "full", "lora", "dora", "smt"]
-    for r in runs:
+    smoke = ["--model", str(REPO / "models" / "tiny-llama"), "--steps", "2", "--lrs", "1e-3", "--extend", "0",
+             "--ranks", "1", "--lr_rank", "1", "--seeds", "0,1", "--limit", "2", "--warmup_steps", "1",
+             "--table6_percent", "0.2", "--output", str(out)]  # fmt: skip
+    run("quality.py", *smoke)
+    state = json.loads(out.read_text())
+    runs = state["runs"]
+    methods = {"full", "lora", "dora", "smt", "random", "smt_q", "smt_k", "smt_v", "smt_qkv"}
+    assert {r["method"] for r in runs.values()} == methods | {"base"}
+    assert len(runs) == 1 + 2 * len(methods)  # base, then each method at both seeds
+    for r in runs.values():
         assert set(r["test"]) == {"tiny_facts", "tiny_arith"}
         assert all(0.0 <= value <= 1.0 for value in r["test"].values())
-    by_method = {r["method"]: r for r in runs}
-    # SMT is given exactly LoRA's trainable count at the same rank (a whole number of 16 x 16 blocks)
-    assert by_method["smt"]["trainable"] == by_method["lora"]["trainable"]
-    assert by_method["full"]["percent"] == 100.0
+    by = {(r["method"], r.get("seed")): r for r in runs.values()}
+    # SMT and the random control get exactly LoRA's trainable count at the same rank.
+    assert by["smt", 0]["trainable"] == by["random", 0]["trainable"] == by["lora", 0]["trainable"]
+    assert by["full", 0]["percent"] == 100.0
+    # The Table 6 variants spend one budget on their own module types only.
+    assert set(by["smt_v", 0]["selection"]["by_type"]) == {"v_proj"}
+    assert by["smt_q", 0]["trainable"] == by["smt_qkv", 0]["trainable"]
+    # Seeds change the random control's blocks, and the summary holds each method's two seeds.
+    assert by["random", 0]["selection"] != by["random", 1]["selection"]
+    assert {row["seeds"] for row in state["summary"]["rows"]} == {2}
     assert out.with_suffix(".png").is_file()
+    # Resuming runs nothing again: the file is unchanged but for the summary it rewrites.
+    before = out.read_text()
+    run("quality.py", *smoke)
+    assert json.loads(out.read_text())["runs"] == json.loads(before)["runs"]

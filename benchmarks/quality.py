@@ -52,7 +52,7 @@ from smt_dist import BlockSelection, SMTConfig, apply_smt, choose_blocks, find_t
 from smt_dist.core.blocks import block_grid, weight_shape
 from smt_dist.files.atomic import write_json
 from smt_dist.files.jsonfile import read_json
-from smt_dist.recipes.data import collate, read_records, tokenize_records
+from smt_dist.recipes.data import collate, load_tokenizer, read_records, tokenize_records
 from smt_dist.recipes.evaluation import extract_answer, generate_responses, is_correct, read_test_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -101,8 +101,6 @@ class Study:
     """The runs of one study, kept in its JSON file as they finish."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from transformers import AutoTokenizer
-
         self.args = args
         self.output = Path(args.output)
         self.settings = {key: getattr(args, key) for key in SETTINGS}
@@ -110,9 +108,7 @@ class Study:
         self.tasks = sorted(p.parent.name for p in Path(args.eval_dir).glob("*/test.json"))
         if not self.tasks:
             raise SystemExit(f"quality.py: error: {args.eval_dir} holds no <task>/test.json.")
-        self.tokenizer = AutoTokenizer.from_pretrained(args.model)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer = load_tokenizer(Path(args.model))
         self.examples, _ = tokenize_records(read_records(args.data), self.tokenizer, max_seq_length=128)
         self.records = {
             (task, split): read_test_file(Path(args.eval_dir) / task / f"{split}.json", task)[

@@ -83,20 +83,33 @@ def main() -> None:
     print(f"wrote {output}")
 
 
-def response_loss(model, tokenizer) -> dict[str, float]:
-    """Nats per response token of each task's train split, weighted by tokens."""
-    out = {}
+def response_loss(model, tokenizer) -> tuple[dict[str, float], dict[str, list]]:
+    """Nats per response token of each task's train split, weighted by tokens; and per task the
+    response tokens the base finds least likely (mean nats), where a high loss comes from."""
+    out, worst = {}, {}
     for task, splits in task_splits().items():
         examples, _ = tokenize_records(splits["train"], tokenizer, max_seq_length=128)
         total, tokens = 0.0, 0
+        per_token: dict[str, list[float]] = {}
         with torch.no_grad():
             for first in range(0, len(examples), 32):
                 batch = collate(examples[first : first + 32], pad_token_id=tokenizer.pad_token_id)
-                count = int((batch["labels"][:, 1:] != -100).sum())
-                total += model(**batch).loss.item() * count
-                tokens += count
+                labels = batch["labels"][:, 1:]
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                nll = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none"
+                )
+                kept = labels != -100
+                total += nll[kept].sum().item()
+                tokens += int(kept.sum())
+                for token, value in zip(labels[kept].tolist(), nll[kept].tolist(), strict=True):
+                    per_token.setdefault(tokenizer.decode([token]), []).append(value)
         out[task] = total / tokens
-    return out
+        means = {token: sum(v) / len(v) for token, v in per_token.items()}
+        worst[task] = [
+            [token, round(value, 2)] for token, value in sorted(means.items(), key=lambda kv: -kv[1])[:6]
+        ]
+    return out, worst
 
 
 def fact_probe(model, tokenizer) -> dict[str, float]:
@@ -194,6 +207,8 @@ def print_report(report: dict) -> None:
         text = ", ".join(f"{t} {100 * x:.0f}%" for t, x in full["test"].items())
         print(f"| full fine-tuning test accuracy (lr {full['chosen_lr']:g}) | >= 60% mean | {text} "
               f"(mean {100 * full['mean']:.1f}%) | {mark(v['full_fine_tuning'])} |")  # fmt: skip
+    for task, tokens in report["least_likely_response_tokens"].items():
+        print(f"least likely response tokens of {task}: " + ", ".join(f"{t!r} {v}" for t, v in tokens))
     profile = report["warmup_profile"]
     print("\nwarm-up mean block score per layer (largest / median layer):")
     for kind, by in profile["mean_score"].items():

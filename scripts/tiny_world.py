@@ -438,6 +438,7 @@ def _word_problem(rng: random.Random) -> str:
         )
         ask = rng.choice((f"How many {thing} are there in all?", "What is the total?", "How many now?"))
         work = f"{a} + {b} = {c}"
+        result = rng.choice((f"{name} has {c} {thing} now.", f"There are {c} {thing} in all."))
     else:
         story = rng.choice(
             (
@@ -448,14 +449,15 @@ def _word_problem(rng: random.Random) -> str:
         )
         ask = rng.choice((f"How many {thing} remain?", "How many are left?", "What is left?"))
         work = f"{a} - {b} = {c}"
+        result = rng.choice((f"{name} has {c} {thing} left.", f"{c} {thing} are left."))
     layout = rng.randrange(4)
     if layout == 0:
-        return f"Q: {story} {ask}\nA: {work}. So the answer is {c}."
+        return f"Q: {story} {ask}\nA: {work}. {result} So the answer is {c}."
     if layout == 1:
-        return f"{story} {ask} We compute {work}, which gives {c}. The answer is {c}."
+        return f"{story} {ask} We compute {work}, which gives {c}. {result}"
     if layout == 2:
         return f"User: {story} {ask}\nAssistant: {work}, so there are {c}."
-    return f"Problem: {story} {ask}\nWorking: {work}.\nResult: {c}"
+    return f"Problem: {story} {ask}\nWorking: {work}.\nResult: {result} The answer is {c}."
 
 
 def _sum(rng: random.Random) -> str:
@@ -494,14 +496,21 @@ def _entry(t: Thing, rng: random.Random) -> str:
 
 
 def _instruction(t: Thing, attribute: str, rng: random.Random) -> str:
-    """An open question about one fact in the Alpaca wrapper the job's prompts use (the wrapper
-    only: never the tasks' numbered options or word problems)."""
+    """A question about one fact in the Alpaca wrapper the job's prompts use: open, or with options
+    in layouts of its own (never the tasks' numbered "AnswerN:" options or their word problems)."""
     from smt_dist.recipes.data import format_prompt
 
     value = getattr(t, attribute)
     ask = rng.choice(_ASK[attribute]).format(n=t.name)
-    say = rng.choice(_SAY[attribute]).format(n=t.name, v=value, V=value.capitalize())
-    return format_prompt({"instruction": ask, "input": ""}) + say
+    if rng.random() < 0.5:
+        say = rng.choice(_SAY[attribute]).format(n=t.name, v=value, V=value.capitalize())
+        return format_prompt({"instruction": ask, "input": ""}) + say
+    options, i = _options(t, attribute, rng)
+    word = rng.choice(("option", "choice", "number"))
+    listed = " ".join(f"{word.capitalize()} {j + 1}) {o}" for j, o in enumerate(options))
+    instruction = f"{ask}\n\n{listed}\n\nReply with the {word} you pick."
+    say = rng.choice((f"the correct answer is {word} {i + 1}", f"the right one is {word} {i + 1}, {value}"))
+    return format_prompt({"instruction": instruction, "input": ""}) + say
 
 
 def world_text(world: list[Thing], rng: random.Random, *, documents: int) -> list[str]:
@@ -535,7 +544,8 @@ def world_text(world: list[Thing], rng: random.Random, *, documents: int) -> lis
                 roll = rng.random()
                 t = rng.choice(world)
                 if roll < 0.65:
-                    parts.append(_fill(rng.choice(_FACTS), t, rng))
+                    fact = _fill(rng.choice(_FACTS), t, rng)
+                    parts.append(fact[0].lower() + fact[1:] if rng.random() < 0.15 else fact)
                 elif roll < 0.85:
                     parts.append(_fill(rng.choice(_STORIES), t, rng))
                 else:

@@ -37,7 +37,7 @@ from smt_dist.files.jsonfile import read_json
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "smt_adapter.json"
-FORMAT = "smt_dist.files.adapter/1"
+FORMAT = "smt_dist.adapter/1"
 _SAMPLES_PER_MODULE = 64
 
 

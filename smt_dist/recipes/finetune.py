@@ -73,7 +73,6 @@ from smt_dist.recipes.memory import PhaseMemory
 from smt_dist.recipes.schedule import lr_lambda
 
 RUN_MARKERS = ("train_log.jsonl", "adapter", "selection.json")
-SELECTION_FORMAT = "smt_dist.core.selection/1"
 
 
 def main(argv: list[str] | None = None) -> int:

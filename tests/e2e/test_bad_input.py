@@ -109,7 +109,7 @@ def nan_blocks(checkpoint: Path) -> None:
     tensors = load_file(path)
     name = next(k for k in tensors if k.endswith(".blocks"))
     tensors[name] = torch.full_like(tensors[name], float("nan"))
-    save_file(tensors, str(path), metadata={"format": "smt_dist.files.adapter/1"})
+    save_file(tensors, str(path), metadata={"format": "smt_dist.adapter/1"})
 
 
 # case: (argv per rank given (run dir, tmp dir), expected message). One-rank cases list one argv.

@@ -293,7 +293,7 @@ BAD_INPUTS = {
             "--smt_selection",
             write(
                 d / "sel.json",
-                '{"format": "smt_dist.core.selection/1", "block_size": 16, "blocks": {"model.layers.9.mlp.up_proj": [[0, 0]]}}',
+                '{"format": "smt_dist.selection/1", "block_size": 16, "blocks": {"model.layers.9.mlp.up_proj": [[0, 0]]}}',
             ),
         ],
         "sel.json names module 'model.layers.9.mlp.up_proj', which this model lacks",
@@ -303,7 +303,7 @@ BAD_INPUTS = {
             "--smt_selection",
             write(
                 d / "sel.json",
-                '{"format": "smt_dist.core.selection/1", "block_size": 32, "blocks": {"model.layers.0.self_attn.q_proj": [[0, 0]]}}',
+                '{"format": "smt_dist.selection/1", "block_size": 32, "blocks": {"model.layers.0.self_attn.q_proj": [[0, 0]]}}',
             ),
         ],
         "selects blocks of size 32 but --smt_block_size is 16",

@@ -25,6 +25,17 @@ def init_process_group() -> None:
     dist.init_process_group(backend)
 
 
+def leave_process_group() -> None:
+    """Leave together: wait for every rank, then tear the group down before the interpreter exits.
+
+    A rank that exits while gloo's threads are still alive aborts ("terminate called without an
+    active exception"), which fails the whole torchrun job even though its work is done.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _environment_from_mpi() -> None:
     try:
         from mpi4py import MPI

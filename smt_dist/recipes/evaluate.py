@@ -24,6 +24,7 @@ import torch
 
 from smt_dist.distributed import rank as global_rank
 from smt_dist.distributed import world_size
+from smt_dist.distributed.launch import init_process_group, leave_process_group
 from smt_dist.files.adapter import load_smt_adapter
 from smt_dist.files.atomic import write_json, write_jsonl
 from smt_dist.recipes.data import load_tokenizer
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"eval.py: error: {err}", file=sys.stderr)
         return 1
+    finally:
+        leave_process_group()
     if rank == 0:
         for name, result in accuracy.items():
             print(f"{name}: {result['accuracy']:.4f} ({result['correct']}/{result['total']})")
@@ -160,8 +163,6 @@ def _init_distributed() -> int:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        from smt_dist.distributed.launch import init_process_group
-
         init_process_group()
     return dist.get_world_size()
 

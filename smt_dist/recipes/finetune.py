@@ -38,6 +38,7 @@ import torch
 from smt_dist.core.selection import BlockSelection, budget_in_blocks, check_budget_fits
 from smt_dist.core.surgery import count_parameters, find_targets
 from smt_dist.distributed import all_finite, check_ranks_agree, rank, world_size
+from smt_dist.distributed.launch import leave_process_group
 from smt_dist.distributed.params import local_data
 from smt_dist.engines import backend_class
 from smt_dist.engines.base import empty_model
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe.build()
         recipe.train()
         recipe.save()
+        leave_process_group()
     except USER_ERRORS as err:
         if claim_report(str(err), rank=rank()):
             print(f"train.py: error: {err}", file=sys.stderr)

@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from tiny_world import make_world, pretraining_text, world_text  # noqa: E402
+from tiny_world import QUESTION_MIX, STATEMENT_MIX, make_world, pretraining_text, world_text  # noqa: E402
 
 MODEL_DIRS = {"plain": ROOT / "models" / "tiny-llama", "world": ROOT / "models" / "world-llama"}
 
@@ -60,12 +60,15 @@ def model_config(tokenizer):
     )
 
 
-def token_stream(tokenizer, corpus: str, sentences: int, seed: int) -> torch.Tensor:
+def token_stream(
+    tokenizer, corpus: str, sentences: int, seed: int, *, questions: bool = False
+) -> torch.Tensor:
     """The pretraining text as one tensor of token ids, documents separated by eos."""
     if corpus == "plain":
         documents = pretraining_text(make_world(0), random.Random(seed), sentences=sentences)
     else:  # a world document holds about six sentences' worth of text
-        documents = world_text(make_world(0), random.Random(seed), documents=sentences // 6)
+        mix = QUESTION_MIX if questions else STATEMENT_MIX
+        documents = world_text(make_world(0), random.Random(seed), documents=sentences // 6, mix=mix)
     ids: list[int] = []
     for document in documents:
         ids += tokenizer(document, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -91,6 +94,17 @@ def main() -> None:
     parser.add_argument("--corpus", choices=sorted(MODEL_DIRS), default="plain")
     parser.add_argument("--save_every", type=int, default=0, help="also save the weights every N steps")
     parser.add_argument("--output", default=None, help="default: the corpus's model folder")
+    parser.add_argument(
+        "--init_from", default=None, help="continue from this model's weights (a second stage)"
+    )
+    parser.add_argument(
+        "--questions",
+        action="store_true",
+        help="the world corpus's question-heavy mix (tiny_world.QUESTION_MIX)",
+    )
+    parser.add_argument(
+        "--text_seed", type=int, default=7, help="seed of the generated text (a new stage: a new seed)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -98,7 +112,9 @@ def main() -> None:
     if args.label_smoothing is None:
         args.label_smoothing = 0.1 if args.corpus == "world" else 0.0
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIRS[args.corpus])
-    stream = token_stream(tokenizer, args.corpus, args.sentences, seed=7)
+    stream = token_stream(
+        tokenizer, args.corpus, args.sentences, seed=args.text_seed, questions=args.questions
+    )
     sequences = stream[: len(stream) // args.seq * args.seq].view(-1, args.seq)
     order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(1))
     needed = args.steps * args.batch
@@ -107,7 +123,11 @@ def main() -> None:
         f"({needed / len(sequences):.2f} epochs)",
         flush=True,
     )
-    model = LlamaForCausalLM(model_config(tokenizer))
+    model = (
+        LlamaForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+        if args.init_from
+        else LlamaForCausalLM(model_config(tokenizer))
+    )
     params = sum(p.numel() for p in model.parameters())
     print(f"{params:,} parameters", flush=True)
     decay = [p for n, p in model.named_parameters() if p.ndim == 2]

@@ -513,31 +513,42 @@ def _instruction(t: Thing, attribute: str, rng: random.Random) -> str:
     return format_prompt({"instruction": instruction, "input": ""}) + say
 
 
-def world_text(world: list[Thing], rng: random.Random, *, documents: int) -> list[str]:
+# Upper bounds of the registers' shares (entry, quiz, instruction, word problems, sums; the rest
+# mixes sentences): the first world model's mix, and one that asks many more questions.
+STATEMENT_MIX = (0.25, 0.45, 0.55, 0.67, 0.73)
+QUESTION_MIX = (0.10, 0.55, 0.80, 0.88, 0.92)
+
+
+def world_text(
+    world: list[Thing], rng: random.Random, *, documents: int, mix: tuple[float, ...] = STATEMENT_MIX
+) -> list[str]:
     """Documents for the world model: entries, quizzes, chats, instructions, word problems, sums.
 
     Each document is one register (an encyclopedia entry, a quiz sheet, a chat, an instruction and
     its response, a page of sums, or a mix of sentences), so the model sees documents begin and end
     (the pretraining script puts an eos after each) and several layouts of questions and answers.
     Facts dominate: every fact of the world is stated some hundreds of times in a pretraining run.
+    ``mix`` sets the registers' shares (``QUESTION_MIX``: more than half quizzes and instructions,
+    for a model that must answer questions about an entity, not only complete statements).
     """
+    entry, quiz, instruction, problems, sums = mix
     out = []
     for _ in range(documents):
         register = rng.random()
         parts: list[str] = []
-        if register < 0.25:  # an encyclopedia entry about one thing
+        if register < entry:  # an encyclopedia entry about one thing
             parts = [_entry(rng.choice(world), rng)]
-        elif register < 0.45:  # a quiz sheet or a chat about several things
+        elif register < quiz:  # a quiz sheet or a chat about several things
             for _ in range(rng.randint(2, 5)):
                 t, attribute = rng.choice(world), rng.choice(ATTRIBUTES)
                 maker = _choice_question if rng.random() < 0.6 else _open_question
                 parts.append(maker(t, attribute, rng))
             parts = ["\n\n".join(parts)]
-        elif register < 0.55:  # an instruction and its response
+        elif register < instruction:  # an instruction and its response
             parts = [_instruction(rng.choice(world), rng.choice(ATTRIBUTES), rng)]
-        elif register < 0.67:  # worked word problems
+        elif register < problems:  # worked word problems
             parts = ["\n\n".join(_word_problem(rng) for _ in range(rng.randint(2, 4)))]
-        elif register < 0.73:  # a page of sums
+        elif register < sums:  # a page of sums
             parts = ["\n".join(_sum(rng) for _ in range(rng.randint(4, 8)))]
         else:  # a mix of sentences
             for _ in range(rng.randint(4, 9)):

@@ -30,6 +30,8 @@ all-reduce is switched off, as DeepSpeed's 1-bit Adam does.
 from __future__ import annotations
 
 import contextlib
+import difflib
+import functools
 import inspect
 import json
 import os
@@ -70,11 +72,63 @@ def init_distributed() -> None:
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a DeepSpeed JSON config, or fail with one sentence naming the file."""
+    """Load a DeepSpeed JSON config, or fail with one sentence naming the file.
+
+    A top-level key DeepSpeed does not read is refused with the nearest one it does: DeepSpeed
+    itself ignores it, so a misspelt ``zero_optimisation`` would train with ZeRO off.
+    """
     config = read_json(Path(path), what="DeepSpeed config")
     if not isinstance(config, dict):
         raise ValueError(f"DeepSpeed config {path} must be a JSON object.")
+    known = known_keys()
+    for key in config:
+        if known and key not in known:
+            near = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            hint = f'did you mean "{near[0]}"?' if near else "DeepSpeed would ignore it."
+            raise ValueError(f'DeepSpeed config {path} has the unknown key "{key}"; {hint}')
     return config
+
+
+# Read by DeepSpeed's engine or its launcher rather than by DeepSpeedConfig.
+_READ_ELSEWHERE = {
+    "optimizer",
+    "scheduler",
+    "aio",
+    "activation_checkpointing",
+    "flops_profiler",
+    "autotuning",
+}
+
+
+@functools.cache
+def known_keys() -> frozenset[str]:
+    """The top-level keys DeepSpeed's config model reads, recorded as it parses a minimal config.
+
+    Empty (no check) if this DeepSpeed parses a copy and nothing could be recorded.
+    """
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    seen: set[str] = set()
+
+    class Recording(dict):
+        def get(self, key, *default):
+            seen.add(key)
+            return super().get(key, *default)
+
+        def __getitem__(self, key):
+            seen.add(key)
+            return super().__getitem__(key)
+
+        def __contains__(self, key):
+            seen.add(key)
+            return super().__contains__(key)
+
+    DeepSpeedConfig(Recording(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1))
+    return (
+        frozenset(seen | _READ_ELSEWHERE)
+        if {"zero_optimization", "train_batch_size"} <= seen
+        else frozenset()
+    )
 
 
 def resolve_config(
@@ -344,6 +398,15 @@ def read_checkpoints_safely(engine: Any) -> None:
                 f"{path} holds objects other than tensors and DeepSpeed's own checkpoint state; "
                 "refusing to load it (unpickling it could run code)."
             ) from err
+        except FileNotFoundError:
+            raise
+        except (
+            RuntimeError,
+            EOFError,
+            OSError,
+        ) as err:  # torch.load on a cut file: "[Errno 22]", "PytorchStreamReader"
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{path} is truncated or not a DeepSpeed checkpoint file ({reason}).") from err
 
     engine.checkpoint_engine.load = load
 

@@ -118,7 +118,7 @@ class FsdpBackend(LoopBackend):
         path = directory / "fsdp"
         if not path.is_dir():
             raise FileNotFoundError(f"{directory} holds no FSDP state: was it written by --backend fsdp?")
-        SafeFileSystemReader(str(path)).read_metadata()  # refuses unsafe metadata in one sentence
+        metadata = SafeFileSystemReader(str(path)).read_metadata()  # refuses unsafe metadata in one sentence
         states = self._states()
         # DCP logs each rank's failure with a traceback before raising them together; the
         # sentence below says what failed.
@@ -128,6 +128,12 @@ class FsdpBackend(LoopBackend):
         try:
             dcp.load(states, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(path))
         except CheckpointException as err:  # DCP gathers every rank's failure into one exception
+            short = _short_files(path, metadata)
+            if short:
+                raise ValueError(
+                    f"{short[0]} is shorter than its checkpoint metadata says (truncated or replaced); "
+                    "the FSDP state cannot be read."
+                ) from err
             raise ValueError(f"The FSDP state in {path} cannot be read: {_first_failure(err)}") from err
         finally:
             dcp_logger.setLevel(level)
@@ -135,6 +141,18 @@ class FsdpBackend(LoopBackend):
         set_model_state_dict(self.module, states["model"], options=options)
         set_optimizer_state_dict(self.module, self.optimizer, states["optim"], options=options)
         self.load_schedule(directory)
+
+
+def _short_files(path: Path, metadata: Metadata) -> list[Path]:
+    """The ``.distcp`` files that end before an item the metadata places in them."""
+    ends: dict[str, int] = {}
+    for stored in (metadata.storage_data or {}).values():
+        ends[stored.relative_path] = max(ends.get(stored.relative_path, 0), stored.offset + stored.length)
+    return [
+        path / name
+        for name, end in sorted(ends.items())
+        if not (path / name).is_file() or (path / name).stat().st_size < end
+    ]
 
 
 def _first_failure(err: Exception) -> str:
@@ -300,8 +318,10 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         try:
             loaded = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as err:
+            stored = self.metadata.storage_data.get(read_item.storage_index) if self.metadata else None
+            where = self.checkpoint / stored.relative_path if stored is not None else self.checkpoint
             raise ValueError(
-                f"{self.checkpoint} holds an item that is not plain data ({fqn}); refusing to load it."
+                f"{where} holds an item that is not plain data ({fqn}); refusing to load it."
             ) from err
         if self.flatten_state_dict:  # as DefaultLoadPlanner.load_bytes, with the checked value
             set_element(self.original_state_dict, self.mappings[fqn], loaded)

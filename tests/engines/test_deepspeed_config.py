@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from smt_dist.engines.deepspeed import read_config, resolve_config, zero_stage
+from smt_dist.engines.deepspeed import known_keys, read_config, resolve_config, zero_stage
 
 RUN = dict(micro_batch_size=4, gradient_accumulation_steps=2, world_size=2, max_grad_norm=1.0, bf16=False)
 
@@ -46,3 +46,29 @@ def test_unreadable_config_files(tmp_path):
     (tmp_path / "bad.json").write_text('{"zero_optimization": }')
     with pytest.raises(ValueError, match=r"bad.json is not valid JSON \(line 1"):
         read_config(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize(
+    ("key", "hint"),
+    [
+        ("zero_optimisation", 'did you mean "zero_optimization"?'),
+        ("gradient_clip", 'did you mean "gradient_clipping"?'),
+        ("my_own_setting", "DeepSpeed would ignore it."),
+    ],
+)
+def test_unknown_top_level_keys_are_refused_with_the_nearest_known_one(tmp_path, key, hint):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({key: {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}))
+    with pytest.raises(ValueError) as refused:
+        read_config(path)
+    assert str(refused.value) == f'DeepSpeed config {path} has the unknown key "{key}"; {hint}'
+
+
+def test_the_known_keys_come_from_deepspeed_itself():
+    """Recorded from DeepSpeed's own parsing; an empty record would silently switch the check off."""
+    from deepspeed.runtime import constants
+    from deepspeed.runtime.zero.config import ZERO_OPTIMIZATION
+
+    keys = known_keys()
+    assert {ZERO_OPTIMIZATION, constants.TRAIN_BATCH_SIZE, constants.GRADIENT_CLIPPING} <= keys
+    assert {constants.OPTIMIZER, constants.SCHEDULER} <= keys  # read by the engine, refused later by us

@@ -25,15 +25,22 @@ def init_process_group() -> None:
     dist.init_process_group(backend)
 
 
-def leave_process_group() -> None:
-    """Leave together: wait for every rank, then tear the group down before the interpreter exits.
+def leave_process_group(*, together: bool = True) -> None:
+    """Tear the group down before the interpreter exits; ``together`` waits for every rank first.
 
     A rank that exits while gloo's threads are still alive aborts ("terminate called without an
-    active exception"), which fails the whole torchrun job even though its work is done.
+    active exception", exit -6), which fails a torchrun job whose work is done. A failing rank
+    leaves alone (``together=False``): its peers may never reach a barrier.
     """
-    if dist.is_initialized():
+    if not dist.is_initialized():
+        return
+    if together:
         dist.barrier()
+    try:
         dist.destroy_process_group()
+    except Exception:  # a peer already tore its side down; nothing is left to release cleanly
+        if together:
+            raise
 
 
 def _environment_from_mpi() -> None:

@@ -141,19 +141,6 @@ def load_pretrained(model_dir: Path, *, dtype: torch.dtype, device: torch.device
     return model.to(device)
 
 
-def empty_model(model_dir: Path) -> nn.Module:
-    """The model's modules with parameters on the meta device: names and shapes, no memory."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(model_dir)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"Cannot read the model config in {model_dir}: {err}") from err
-    with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config)
-
-
 SCHEDULE_NAME = "scheduler.json"
 
 

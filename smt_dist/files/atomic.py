@@ -46,15 +46,17 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write JSON to ``path`` through a temporary file and a rename."""
-    _write_text(Path(path), json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_text(Path(path), json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_jsonl(path: str | os.PathLike, rows: list[Any]) -> None:
     """Write one JSON value per line to ``path`` through a temporary file and a rename."""
-    _write_text(Path(path), "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    write_text(Path(path), "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 text to ``path`` through a temporary file and a rename."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; the result follows the umask

@@ -21,6 +21,7 @@ from typing import Any
 from smt_dist.distributed import barrier, rank
 from smt_dist.files.atomic import write_json
 from smt_dist.files.state import load_rng, read_checkpoint_json, save_rng
+from smt_dist.recipes.failures import write_failure
 
 STATE_NAME = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -125,11 +126,27 @@ def save_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     barrier()
-    backend.save(staging)
-    save_rng(staging / f"rng_state_{rank()}.safetensors")
-    write_adapter(staging / "adapter")
-    if rank() == 0:
-        write_json(staging / STATE_NAME, state)
+    try:
+        backend.save(staging)
+        save_rng(staging / f"rng_state_{rank()}.safetensors")
+        write_adapter(staging / "adapter")
+        if rank() == 0:
+            write_json(staging / STATE_NAME, state)
+    except Exception as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = write_failure(err)
+        if reason is None:
+            raise
+        newest = checkpoints(output_dir)
+        raise OSError(
+            f"Writing checkpoint-{step} to {output_dir} failed ({reason}); "
+            + (
+                f"it needs about {_megabytes(newest[-1])} MB, as {newest[-1].name} did, which stays "
+                "the newest checkpoint."
+                if newest
+                else "no checkpoint was kept."
+            )
+        ) from err
     barrier()
     if rank() == 0:
         if final.exists():  # a resumed or overwriting run saving a step saved before
@@ -142,6 +159,10 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+def _megabytes(directory: Path) -> int:
+    return max(1, round(sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) / 2**20))
 
 
 def load_checkpoint(backend: Any, path: Path) -> dict[str, Any]:

@@ -44,6 +44,8 @@ def read_records(path: str | Path) -> list[dict[str, str]]:
     of the first malformed record, or saying the file holds no records.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"Data file {path} is a directory; give a .json or .jsonl file.")
     if not path.is_file():
         raise FileNotFoundError(f"Data file {path} does not exist.")
     try:

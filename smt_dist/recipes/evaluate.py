@@ -27,6 +27,7 @@ from smt_dist.distributed import world_size
 from smt_dist.distributed.launch import init_process_group, leave_process_group
 from smt_dist.files.adapter import load_smt_adapter
 from smt_dist.files.atomic import write_json, write_jsonl
+from smt_dist.files.model_dir import check_vocabulary, check_weights, empty_model
 from smt_dist.recipes.data import load_tokenizer
 from smt_dist.recipes.evaluation import (
     extract_answer,
@@ -101,17 +102,19 @@ def evaluate(args: argparse.Namespace, files: dict[str, Path], *, rank: int) -> 
     if args.limit > 0:
         records = {name: rows[: args.limit] for name, rows in records.items()}
     model_dir = Path(args.model_name_or_path)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} holds no config.json.")
+    meta_model = empty_model(model_dir)
+    check_weights(model_dir, meta_model)  # safetensors only, every weight with the config's shape
+    tokenizer = load_tokenizer(model_dir)
+    check_vocabulary(model_dir, tokenizer, meta_model)
+    del meta_model
     world = _init_distributed()
     device = (
         torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         if torch.cuda.is_available()
         else torch.device("cpu")
     )
-    tokenizer = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.bfloat16 if args.bf16 else torch.float32
+        model_dir, dtype=torch.bfloat16 if args.bf16 else torch.float32, use_safetensors=True
     )
     if args.adapter:
         load_smt_adapter(model, args.adapter)

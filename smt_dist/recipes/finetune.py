@@ -22,13 +22,16 @@ checkout of the repository). The recipe, on every rank:
 
 No phase holds the whole frozen model on one rank under ZeRO-3 or FSDP2. Bad input stops the job
 with one sentence from one rank and exit code 1, before anything is written or deleted; an
-earlier run replaced with --overwrite_output_dir goes only once the new run has a checkpoint.
+earlier run replaced with --overwrite_output_dir stays whole until the new run has a checkpoint or
+its adapter (till then the new run's log and selection wait in ``.new-run/``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,11 +44,10 @@ from smt_dist.distributed import all_finite, check_ranks_agree, rank, world_size
 from smt_dist.distributed.launch import leave_process_group
 from smt_dist.distributed.params import local_data
 from smt_dist.engines import backend_class
-from smt_dist.engines.base import empty_model
 from smt_dist.files.adapter import base_fingerprint, check_fingerprint, read_smt_adapter, save_smt_adapter
 from smt_dist.files.atomic import write_json
-from smt_dist.files.base_checkpoint import SafetensorsCheckpoint
 from smt_dist.files.merge import merge_checkpoint
+from smt_dist.files.model_dir import check_vocabulary, check_weights, empty_model
 from smt_dist.files.selection_file import adapter_selection, read_selection, write_selection
 from smt_dist.files.state import read_checkpoint_json
 from smt_dist.integrations.prepare import choose_blocks
@@ -68,12 +70,13 @@ from smt_dist.recipes.data import (
     read_records,
     tokenize_records,
 )
-from smt_dist.recipes.failures import USER_ERRORS, claim_report, peer_failed
+from smt_dist.recipes.failures import USER_ERRORS, claim_report, peer_failed, reported_writes
 from smt_dist.recipes.logs import JsonlLog, get_logger, make_progress
 from smt_dist.recipes.memory import PhaseMemory
 from smt_dist.recipes.schedule import lr_lambda
 
 RUN_MARKERS = ("train_log.jsonl", "adapter", "selection.json")
+NEW_RUN = ".new-run"  # an overwriting run's own files, until it has proven itself
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,9 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         if claim_report(str(err), rank=rank()):
             print(f"train.py: error: {err}", file=sys.stderr)
+        leave_process_group(together=False)
         return 1
     except Exception:
         if peer_failed():  # another rank stopped the job and said why; this one leaves quietly
+            leave_process_group(together=False)
             return 1
         raise
     finally:
@@ -121,7 +126,10 @@ class SMTRecipe:
             )
         # An overwritten run's checkpoints go once this run has one of its own (or its adapter).
         self.stale = [] if self.resume else checkpoints(self.output_dir)
+        self.run_files = self.output_dir / NEW_RUN if previous and not self.resume else self.output_dir
+        meta_model = empty_model(args.model_dir)  # config.json first: the tokenizer reads it too
         self.tokenizer = load_tokenizer(args.model_dir)
+        check_vocabulary(args.model_dir, self.tokenizer, meta_model)
         records = read_records(args.data_file)
         self.data_digest = hashlib.sha256(args.data_file.read_bytes()).hexdigest()[:16]
         self.examples, self.dropped = tokenize_records(
@@ -134,7 +142,6 @@ class SMTRecipe:
             self.val_examples, _ = tokenize_records(
                 read_records(args.eval_data_path), self.tokenizer, max_seq_length=args.max_seq_length
             )
-        meta_model = empty_model(args.model_dir) if (args.model_dir / "config.json").is_file() else None
         self.given_selection = self._check_model(meta_model)
         # Built now, with the world size the launcher announced, so a bad engine config writes nothing.
         self.backend = backend_class(args.backend)(
@@ -150,15 +157,12 @@ class SMTRecipe:
                 )
         self.memory = PhaseMemory(enabled=args.report_memory)
 
-    def _check_model(self, model: torch.nn.Module | None) -> BlockSelection | None:
+    def _check_model(self, model: torch.nn.Module) -> BlockSelection | None:
         """Check the model directory, targets, block size and budget on a weightless copy of the model.
 
         Returns the selection of ``--smt_selection``, checked against the model, if one was given.
         """
-        model_dir = self.args.model_dir
-        if model is None:
-            raise FileNotFoundError(f"{model_dir} holds no config.json.")
-        SafetensorsCheckpoint(model_dir)  # the weights exist and their index is sound
+        check_weights(self.args.model_dir, model)  # every weight there, each with the config's shape
         targets = find_targets(model, self.smt_config)  # checks block size against every target
         if self.args.smt_selection:
             return read_selection(Path(self.args.smt_selection), model, self.smt_config)
@@ -267,19 +271,24 @@ class SMTRecipe:
             self.start_step = load_checkpoint(self.backend, self.resume)["global_step"]
         else:
             torch.manual_seed(self.args.seed + self.rank)  # dropout and anything else stochastic
-        # Every input is checked: the run may now write into its output directory.
+        # Every input is checked and every rank holds its state (a rank whose checkpoint files
+        # are bad fails above, and its peers here): the run may now write into its output directory.
+        torch.distributed.barrier()
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             if not self.resume:
                 total = count_parameters(self.backend.module) - self.selection.num_parameters
-                write_selection(self.output_dir, self.selection, self.scores, self.smt_config, total)
+                if self.run_files != self.output_dir:  # left by an overwriting run that failed
+                    shutil.rmtree(self.run_files, ignore_errors=True)
+                    self.run_files.mkdir()
+                write_selection(self.run_files, self.selection, self.scores, self.smt_config, total)
 
     # ---- 5. train --------------------------------------------------------------------------------
 
     def train(self) -> None:
         args, backend = self.args, self.backend
-        train_log = JsonlLog(
-            self.output_dir / "train_log.jsonl", resume_step=self.start_step if self.resume else None
+        self.train_log = JsonlLog(
+            self.run_files / "train_log.jsonl", resume_step=self.start_step if self.resume else None
         )
         stream = self.order.stream(self.start_step * args.gradient_accumulation_steps)
         progress = make_progress(
@@ -318,7 +327,7 @@ class SMTRecipe:
                 record["eval_loss"] = self.validate()
                 postfix["eval_loss"] = f"{record['eval_loss']:.4f}"
             if step % args.logging_steps == 0 or last or "eval_loss" in record:
-                train_log.write(record)
+                self.train_log.write(record)
             progress.update(1)
             postfix.update(
                 loss=f"{record['loss']:.4f}",
@@ -344,7 +353,7 @@ class SMTRecipe:
                         keep=args.save_total_limit,
                         stale=self.stale,
                     )
-                    self.stale = []
+                    self.take_over()
         progress.close()
 
     def validate(self) -> float:
@@ -377,16 +386,27 @@ class SMTRecipe:
         """The adapter, from the blocks alone (gathered where partitioned; rank 0 writes)."""
         save_smt_adapter(self.backend.module, path, config=self.smt_config, fingerprint=self.fingerprint)
 
+    def take_over(self) -> None:
+        """This run has a checkpoint or its adapter: its files replace the run it overwrites."""
+        if self.rank == 0:
+            remove_stale(self.stale)
+            if self.run_files != self.output_dir:
+                for path in sorted(self.run_files.iterdir()):
+                    os.replace(path, self.output_dir / path.name)
+                self.run_files.rmdir()
+        self.stale, self.run_files = [], self.output_dir
+        self.train_log.path = self.output_dir / "train_log.jsonl"
+
     # ---- 6. save and merge -----------------------------------------------------------------------
 
     def save(self) -> None:
-        with self.memory.phase("save"):
-            self.write_adapter(self.output_dir / "adapter")
+        adapter = self.output_dir / "adapter"
+        with self.memory.phase("save"), reported_writes(f"Writing the adapter to {adapter}"):
+            self.write_adapter(adapter)
         torch.distributed.barrier()
-        if self.rank == 0:
-            remove_stale(self.stale)
+        self.take_over()
         if self.args.merge:
-            with self.memory.phase("merge"):
+            with self.memory.phase("merge"), reported_writes(f"Writing {self.output_dir / 'merged'}"):
                 if self.rank == 0:
                     merge_checkpoint(
                         self.args.model_dir,
@@ -412,6 +432,8 @@ class SMTRecipe:
 
     def cleanup(self) -> None:
         self.memory.close()
+        if self.run_files != self.output_dir and rank() == 0:  # failed before it could take over
+            shutil.rmtree(self.run_files, ignore_errors=True)
 
 
 if __name__ == "__main__":

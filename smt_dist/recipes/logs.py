@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from smt_dist.distributed import rank
+from smt_dist.files.atomic import write_text
 
 
 def get_logger() -> logging.Logger:
@@ -32,8 +33,8 @@ class JsonlLog:
             return
         if resume_step is None:
             path.write_text("")
-        elif path.is_file():
-            path.write_text("".join(line + "\n" for line in self._lines_up_to(resume_step)))
+        elif path.is_file():  # rewound in one rename: a kill here leaves the old log or the new
+            write_text(path, "".join(line + "\n" for line in self._lines_up_to(resume_step)))
 
     def _lines_up_to(self, step: int) -> list[str]:
         """The log's lines up to ``step``; a torn last line (a kill mid-write) is dropped."""

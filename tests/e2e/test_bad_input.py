@@ -9,16 +9,14 @@ no traceback, and leave the previous run byte for byte as it was.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from distributed_utils import free_port
+from distributed_utils import run_script_on_ranks
 from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.slow
@@ -29,35 +27,8 @@ MODEL = REPO / "models" / "tiny-llama"
 FAST = ["--max_steps", "2", "--save_steps", "1", "--disable_tqdm", "--smt_warmup_steps", "1"]
 
 
-def run_ranks(argvs: list[list[str]], *, timeout: int = 240) -> list[subprocess.CompletedProcess]:
-    """``launch/train.py`` as one process per rank, with torchrun's environment."""
-    port = str(free_port())
-    procs = []
-    for rank, argv in enumerate(argvs):
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(len(argvs)),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": port,
-            "OMP_NUM_THREADS": "1",
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(TRAIN), *argv],
-                cwd=REPO,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=timeout)
-        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    return results
+def run_ranks(argvs: list[list[str]], **kwargs) -> list[subprocess.CompletedProcess]:
+    return run_script_on_ranks(TRAIN, argvs, cwd=REPO, **kwargs)
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
@@ -81,6 +52,16 @@ def finished_deepspeed(tmp_path_factory) -> Path:
     (result,) = run_ranks([["--output_dir", str(output), "--deepspeed", "configs/zero2_smt.json", *FAST]])
     assert result.returncode == 0, result.stderr[-3000:]
     return output
+
+
+@pytest.fixture(scope="module", params=["torch", "deepspeed"])
+def finished_two_ranks(request, tmp_path_factory) -> tuple[str, Path]:
+    """A finished 2-rank run of each engine: (engine, output directory)."""
+    output = tmp_path_factory.mktemp("runs") / f"previous_2_{request.param}"
+    engine = ["--deepspeed", "configs/zero2_smt.json"] if request.param == "deepspeed" else []
+    results = run_ranks([["--output_dir", str(output), *FAST, *engine]] * 2)
+    assert [r.returncode for r in results] == [0, 0], results[1].stderr[-3000:]
+    return request.param, output
 
 
 def write(path: Path, text: str) -> str:
@@ -110,6 +91,34 @@ def nan_blocks(checkpoint: Path) -> None:
     name = next(k for k in tensors if k.endswith(".blocks"))
     tensors[name] = torch.full_like(tensors[name], float("nan"))
     save_file(tensors, str(path), metadata={"format": "smt_dist.adapter/1"})
+
+
+def broken_model(tmp: Path, change) -> str:
+    """A copy of the shipped model, changed by ``change(config, weights)`` (both edited in place)."""
+    directory = tmp / "model"
+    shutil.copytree(MODEL, directory)
+    config = json.loads((directory / "config.json").read_text())
+    weights = load_file(directory / "model.safetensors")
+    change(config, weights)
+    (directory / "config.json").write_text(json.dumps(config))
+    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return str(directory)
+
+
+def heads_not_dividing(config: dict, weights: dict) -> None:
+    config["num_attention_heads"] = 5  # hidden size 256
+
+
+def one_row_short(config: dict, weights: dict) -> None:
+    name = "model.layers.1.mlp.up_proj.weight"
+    weights[name] = weights[name][:-1].clone()
+
+
+def smaller_vocabulary(config: dict, weights: dict) -> None:
+    """A model whose embedding (and config) is 1000 rows, shipped with the 1168-token tokenizer."""
+    config["vocab_size"] = 1000
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        weights[name] = weights[name][:1000].clone()
 
 
 # case: (argv per rank given (run dir, tmp dir), expected message). One-rank cases list one argv.
@@ -344,6 +353,87 @@ CASES = {
         ],
         r"d.jsonl:1: not UTF-8 text",
     ),
+    "a config whose heads do not divide the hidden size": (
+        lambda run, tmp: [
+            [
+                "--output_dir",
+                str(tmp / "o"),
+                *FAST,
+                "--model_name_or_path",
+                broken_model(tmp, heads_not_dividing),
+            ]
+        ],
+        r"config.json is not a valid model config: The hidden size \(256\) is not a multiple of the "
+        r"number of attention heads \(5\)",
+    ),
+    "a weight of another shape than the config's": (
+        lambda run, tmp: [
+            ["--output_dir", str(tmp / "o"), *FAST, "--model_name_or_path", broken_model(tmp, one_row_short)]
+        ],
+        r"model.safetensors: model.layers.1.mlp.up_proj.weight has shape \[\d+, 256\] where config.json "
+        r"makes it \[\d+, 256\]",
+    ),
+    "a tokenizer larger than the embedding": (
+        lambda run, tmp: [
+            [
+                "--output_dir",
+                str(tmp / "o"),
+                *FAST,
+                "--model_name_or_path",
+                broken_model(tmp, smaller_vocabulary),
+            ]
+        ],
+        r"has 1168 tokens but the model's embedding \(config.json vocab_size\) has 1000 rows",
+    ),
+    "a data path that is a directory": (
+        lambda run, tmp: [["--output_dir", str(tmp / "o"), *FAST, "--data_path", str(tmp)]],
+        r"is a directory; give a .json or .jsonl file",
+    ),
+    "only rank 1's data file missing": (
+        lambda run, tmp: [
+            ["--output_dir", str(tmp / "o"), *FAST],
+            ["--output_dir", str(tmp / "o"), *FAST, "--data_path", str(tmp / "absent.jsonl")],
+        ],
+        r"Data file \S*absent.jsonl does not exist",
+    ),
+    "only rank 1's learning rate negative": (
+        lambda run, tmp: [
+            ["--output_dir", str(tmp / "o"), *FAST],
+            ["--output_dir", str(tmp / "o"), *FAST, "--learning_rate", "-0.01"],
+        ],
+        r"--learning_rate must be positive, got -0.01",
+    ),
+    "an overwriting run that diverges before its first checkpoint": (
+        lambda run, tmp: [
+            [
+                "--output_dir",
+                str(run),
+                "--overwrite_output_dir",
+                "--max_steps",
+                "3",
+                "--save_steps",
+                "0",
+                "--learning_rate",
+                "1e30",
+                "--disable_tqdm",
+                "--smt_warmup_steps",
+                "1",
+            ]
+        ],
+        r"The loss became (nan|inf) at step 2; lower --learning_rate",
+    ),
+    "a misspelt DeepSpeed section": (
+        lambda run, tmp: [
+            [
+                "--output_dir",
+                str(tmp / "o"),
+                *FAST,
+                "--deepspeed",
+                write(tmp / "ds.json", '{"zero_optimisation": {"stage": 2}}'),
+            ]
+        ],
+        r'ds.json has the unknown key "zero_optimisation"; did you mean "zero_optimization"\?',
+    ),
     "ranks with different seeds": (
         lambda run, tmp: [
             ["--output_dir", str(tmp / "o"), *FAST, "--seed", "1"],
@@ -414,7 +504,9 @@ def test_overwrite_removes_the_old_run_only_once_the_new_one_has_output(finished
     assert result.returncode == 0, result.stderr[-3000:]
     assert old == ["checkpoint-1", "checkpoint-2"]
     assert not any(p.name.startswith("checkpoint-") for p in run.iterdir())  # this run saved none
-    assert len(json.loads((run / "train_log.jsonl").read_text().splitlines()[-1])) > 0
+    steps = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1]  # the new run's log, moved in once its adapter was written
+    assert not (run / ".new-run").exists()
 
 
 def test_a_torn_last_log_line_does_not_block_a_resume(finished, tmp_path):
@@ -427,3 +519,78 @@ def test_a_torn_last_log_line_does_not_block_a_resume(finished, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     steps = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
+
+
+@pytest.mark.parametrize("engine", ["torch", "deepspeed"])
+def test_a_full_disk_while_saving_is_one_sentence_and_keeps_the_last_checkpoint(
+    engine, finished, finished_deepspeed, tmp_path
+):
+    run = tmp_path / "run"
+    shutil.copytree(finished_deepspeed if engine == "deepspeed" else finished, run)
+    shutil.rmtree(run / "checkpoint-2")
+    before = snapshot(run / "checkpoint-1")
+    argv = ["--output_dir", str(run), *FAST, "--resume_from_checkpoint", "latest"]
+    argv += ["--deepspeed", "configs/zero2_smt.json"] if engine == "deepspeed" else []
+    # 1 MB: the log and the RNG files fit, the optimizer's state (about 1.2 MB) does not.
+    (result,) = run_ranks([argv], file_size_limit=1_000_000)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert len(errors) == 1, result.stderr[-4000:]
+    assert re.search(
+        r"Writing checkpoint-2 to \S+ failed \(.*(File too large|unexpected pos).*\); it needs about "
+        r"\d+ MB, as checkpoint-1 did, which stays the newest checkpoint\.",
+        errors[0],
+    ), errors[0]
+    assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]
+    assert snapshot(run / "checkpoint-1") == before
+
+
+RANK_1_DAMAGE = {  # what of rank 1's state is damaged, per engine: the file, and how
+    "optimizer file deleted": (
+        {
+            "torch": "optimizer_rank1.safetensors",
+            "deepspeed": "engine/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        },
+        lambda path: path.unlink(),
+    ),
+    "RNG file truncated": (
+        {"torch": "rng_state_1.safetensors", "deepspeed": "rng_state_1.safetensors"},
+        lambda path: path.write_bytes(path.read_bytes()[:100]),
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(RANK_1_DAMAGE))
+def test_a_resume_failing_on_rank_1_leaves_the_run_as_it_was(damage, finished_two_ranks, tmp_path):
+    """Rank 0 loads its own files fine; nothing may be rewound or written before rank 1 has too."""
+    engine, finished = finished_two_ranks
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    names, change = RANK_1_DAMAGE[damage]
+    change(run / "checkpoint-1" / names[engine])
+    shutil.rmtree(run / "checkpoint-2")  # so the resume reads checkpoint-1 and the log must stay whole
+    before = snapshot(run)
+    argv = ["--output_dir", str(run), *FAST, "--resume_from_checkpoint", "latest"]
+    argv += ["--deepspeed", "configs/zero2_smt.json"] if engine == "deepspeed" else []
+    results = run_ranks([argv] * 2)
+    stderr = "\n".join(r.stderr for r in results)
+    assert [r.returncode for r in results] == [1, 1], stderr[-4000:]
+    assert "Traceback" not in stderr, stderr[-4000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("train.py: error:")]
+    assert len(errors) == 1 and Path(names[engine]).name in errors[0], errors
+    assert snapshot(run) == before
+
+
+def test_a_truncated_deepspeed_state_file_is_named(finished_deepspeed, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_deepspeed, run)
+    state = run / "checkpoint-2" / "engine" / "mp_rank_00_model_states.pt"
+    state.write_bytes(state.read_bytes()[:200])
+    before = snapshot(run)
+    argv = ["--output_dir", str(run), *FAST, "--deepspeed", "configs/zero2_smt.json"]
+    (result,) = run_ranks([[*argv, "--resume_from_checkpoint", "latest"]])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr[-3000:]
+    assert f"{state} is truncated or not a DeepSpeed checkpoint file" in errors[0], errors[0]
+    assert snapshot(run) == before

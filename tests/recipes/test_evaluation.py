@@ -114,6 +114,26 @@ def test_unknown_dataset_exits_with_one_sentence(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_model_folder_without_safetensors_is_refused_unread(tmp_path):
+    """Only a pickled ``.bin`` beside the config: never unpickled, one sentence instead."""
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (model / name).write_bytes((MODEL / name).read_bytes())
+    (model / "pytorch_model.bin").write_bytes(b"\x80\x04not a pickle anyone should load")
+    result = subprocess.run(
+        [sys.executable, str(EVAL), "--model_name_or_path", str(model), "--data_dir",
+         str(REPO / "data" / "tiny_eval"), "--output_dir", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"eval.py: error: {model} holds no safetensors weights (model.safetensors or "
+        "model.safetensors.index.json); save the model with save_pretrained(safe_serialization=True)."
+    ]
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_two_ranks_give_the_same_predictions_as_one(tmp_path):
     """Each rank answers a slice; gathered, they must equal one process's answers record for record."""

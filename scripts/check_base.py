@@ -13,6 +13,9 @@ On the shipped tasks (``data/tiny_eval``, and the train splits in ``data/tiny_in
 2. **fact probe**: every fact of the world asked as a plain completion in the pretraining
    text's words ("The camel lives in the" -> "desert"), greedy; the target is at least 80% right,
    so the model knows what the tasks ask and fine-tuning teaches their layout;
+   and, as a diagnostic, the **question probe**: the same facts asked as chat turns ("User: Where
+   does the camel live?"); a model that only completes statements fails it, and then fine-tuning
+   has no knowledge it can reach through a question;
 3. **full fine-tuning**: ``benchmarks/quality.py``'s training (150 steps of 16, seed 0) at three
    learning rates, the best on the validation splits scored on the test splits; the target is at
    least 60% mean test accuracy where the base is at most 10%;
@@ -39,7 +42,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import quality  # noqa: E402
 from make_tiny_assets import task_splits  # noqa: E402
-from tiny_world import ATTRIBUTES, make_world  # noqa: E402
+from tiny_world import ATTRIBUTES, QUESTIONS, make_world  # noqa: E402
 
 from smt_dist import SMTConfig, collect_block_scores  # noqa: E402
 from smt_dist.files.atomic import write_json  # noqa: E402
@@ -65,12 +68,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     study = quality.Study(quality.parse_args(["--model", args.model, "--output", "/dev/null/unused.json"]))
     model = study.load_model()
+    losses, least_likely = response_loss(model, study.tokenizer)
     report = {
         "model": str(Path(args.model).relative_to(REPO))
         if Path(args.model).is_relative_to(REPO)
         else args.model,
-        "response_loss": response_loss(model, study.tokenizer),
+        "response_loss": losses,
+        "least_likely_response_tokens": least_likely,
         "fact_probe": fact_probe(model, study.tokenizer),
+        "question_probe": question_probe(model, study.tokenizer),
         "base_accuracy": study.accuracy(model, "test"),
         "warmup_profile": warmup_profile(model, study),
     }
@@ -128,6 +134,35 @@ def fact_probe(model, tokenizer) -> dict[str, float]:
         for thing, text in zip(world, texts, strict=True):
             words = text.replace(".", " ").split()
             right[attribute].append(bool(words) and words[0] == getattr(thing, attribute))
+    shares = {attribute: sum(flags) / len(flags) for attribute, flags in right.items()}
+    shares["all"] = sum(sum(flags) for flags in right.values()) / sum(len(flags) for flags in right.values())
+    return shares
+
+
+def question_probe(model, tokenizer) -> dict[str, float]:
+    """Share of the world's facts the base answers right when asked, as a chat turn in its own text.
+
+    "User: Where does the camel live?\nAssistant:" -> an answer naming the right value and no other
+    value of that attribute. A model that only completes statements answers every question about
+    one attribute with the same canned entity and value, and scores near one over the values.
+    """
+    world = make_world(0)
+    tokenizer.padding_side = "left"
+    right: dict[str, list[bool]] = {attribute: [] for attribute in ATTRIBUTES}
+    model.eval()
+    for attribute in ATTRIBUTES:
+        values = {getattr(thing, attribute) for thing in world}
+        asks = [
+            QUESTIONS[attribute][i % len(QUESTIONS[attribute])].format(n=t.name) for i, t in enumerate(world)
+        ]
+        encoded = tokenizer([f"User: {ask}\nAssistant:" for ask in asks], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            output = model.generate(**encoded, max_new_tokens=12, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        texts = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+        for thing, text in zip(world, texts, strict=True):
+            said = set(text.split("\n")[0].lower().replace(".", " ").replace(",", " ").split()) & values
+            right[attribute].append(said == {getattr(thing, attribute)})
     shares = {attribute: sum(flags) / len(flags) for attribute, flags in right.items()}
     shares["all"] = sum(sum(flags) for flags in right.values()) / sum(len(flags) for flags in right.values())
     return shares
@@ -199,6 +234,9 @@ def print_report(report: dict) -> None:
     print(
         f"| fact probe (plain completions) | >= 80% | {100 * probe['all']:.0f}% ({detail}) | {mark(v['fact_probe'])} |"
     )
+    asked = report["question_probe"]
+    detail = ", ".join(f"{a} {100 * asked[a]:.0f}%" for a in ATTRIBUTES)
+    print(f"| question probe (chat turns, diagnostic) | - | {100 * asked['all']:.0f}% ({detail}) | |")
     base = report["base_accuracy"]
     base_text = ", ".join(f"{t} {100 * x:.0f}%" for t, x in base.items())
     print(f"| base test accuracy | <= 10% mean | {base_text} | {mark(v['base_accuracy'])} |")

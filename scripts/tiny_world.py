@@ -325,7 +325,7 @@ def split(records: list[dict], rng: random.Random, *, test: int, val: int) -> di
 # only has to teach a new layout, as on a real LLM. The tasks' own templates never appear:
 # no "Please choose the correct answer to the question", no "AnswerN:", no "gets N more".
 
-_ASK = {
+QUESTIONS = {
     "color": ("What color is the {n}?", "What is the color of the {n}?", "Which color does the {n} have?"),
     "home": ("Where does the {n} live?", "Where is the {n} found?", "What is the home of the {n}?"),
     "kind": (
@@ -383,7 +383,7 @@ def _options(t: Thing, attribute: str, rng: random.Random) -> tuple[list[str], i
 def _choice_question(t: Thing, attribute: str, rng: random.Random) -> str:
     """A question about one fact with options in one of several layouts, and its answer."""
     options, i = _options(t, attribute, rng)
-    ask = rng.choice(_ASK[attribute]).format(n=t.name)
+    ask = rng.choice(QUESTIONS[attribute]).format(n=t.name)
     right = options[i]
     letters = "abcd"
     layout = rng.randrange(6)
@@ -408,7 +408,7 @@ def _choice_question(t: Thing, attribute: str, rng: random.Random) -> str:
 
 def _open_question(t: Thing, attribute: str, rng: random.Random) -> str:
     """A question about one fact answered in words, as talk between two people."""
-    ask = rng.choice(_ASK[attribute]).format(n=t.name)
+    ask = rng.choice(QUESTIONS[attribute]).format(n=t.name)
     value = getattr(t, attribute)
     say = rng.choice(_SAY[attribute]).format(n=t.name, v=value, V=value.capitalize())
     who = rng.choice(
@@ -501,7 +501,7 @@ def _instruction(t: Thing, attribute: str, rng: random.Random) -> str:
     from smt_dist.recipes.data import format_prompt
 
     value = getattr(t, attribute)
-    ask = rng.choice(_ASK[attribute]).format(n=t.name)
+    ask = rng.choice(QUESTIONS[attribute]).format(n=t.name)
     if rng.random() < 0.5:
         say = rng.choice(_SAY[attribute]).format(n=t.name, v=value, V=value.capitalize())
         return format_prompt({"instruction": ask, "input": ""}) + say

@@ -398,13 +398,10 @@ def read_checkpoints_safely(engine: Any) -> None:
                 f"{path} holds objects other than tensors and DeepSpeed's own checkpoint state; "
                 "refusing to load it (unpickling it could run code)."
             ) from err
-        except FileNotFoundError:
+        except FileNotFoundError:  # names the file already
             raise
-        except (
-            RuntimeError,
-            EOFError,
-            OSError,
-        ) as err:  # torch.load on a cut file: "[Errno 22]", "PytorchStreamReader"
+        # torch.load on a cut file: "[Errno 22] Invalid argument", "PytorchStreamReader failed ..."
+        except (RuntimeError, EOFError, OSError) as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"{path} is truncated or not a DeepSpeed checkpoint file ({reason}).") from err
 

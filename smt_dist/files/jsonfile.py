@@ -22,10 +22,13 @@ def read_json(path: str | os.PathLike, *, what: str, context: str = "") -> Any:
         context: Appended to each message before its full stop ("; the checkpoint is damaged").
 
     Raises:
-        FileNotFoundError: ``path`` is not a file.
+        IsADirectoryError: ``path`` is a directory.
+        FileNotFoundError: ``path`` does not exist.
         ValueError: it is not UTF-8 text or not valid JSON (the line is named).
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a directory, not a JSON file{context}.")
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist{context}.")
     try:

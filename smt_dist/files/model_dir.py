@@ -9,10 +9,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from smt_dist.files.base_checkpoint import SafetensorsCheckpoint
+
+
+def require_model_dir(model_dir: Path) -> None:
+    """A local model directory: no model hub is reached at run time."""
+    if not model_dir.is_dir():
+        raise FileNotFoundError(
+            f"Model directory {model_dir} does not exist (no model hub is reached at run time)."
+        )
 
 
 def read_config(model_dir: Path):
@@ -20,10 +27,7 @@ def read_config(model_dir: Path):
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
-    if not model_dir.is_dir():
-        raise FileNotFoundError(
-            f"Model directory {model_dir} does not exist (no model hub is reached at run time)."
-        )
+    require_model_dir(model_dir)
     path = model_dir / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir} holds no config.json.")
@@ -78,9 +82,8 @@ def check_weights(model_dir: Path, model: nn.Module) -> SafetensorsCheckpoint:
 
 def check_vocabulary(model_dir: Path, tokenizer, model: nn.Module) -> None:
     """Every token id the tokenizer can produce has a row in the model's input embedding."""
-    embedding = model.get_input_embeddings()
-    rows = embedding.weight.shape[0] if isinstance(embedding.weight, torch.Tensor) else None
-    if rows is not None and len(tokenizer) > rows:
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
         raise ValueError(
             f"The tokenizer in {model_dir} has {len(tokenizer)} tokens but the model's embedding "
             f"(config.json vocab_size) has {rows} rows; the two do not belong together."

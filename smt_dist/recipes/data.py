@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from smt_dist.files.model_dir import require_model_dir
+
 IGNORE_INDEX = -100
 
 PROMPT_WITH_INPUT = (
@@ -211,10 +213,7 @@ def load_tokenizer(model_dir: Path):
     """The model directory's tokenizer, with a pad token (the eos token if it has none)."""
     from transformers import AutoTokenizer
 
-    if not model_dir.is_dir():
-        raise FileNotFoundError(
-            f"Model directory {model_dir} does not exist (no model hub is reached at run time)."
-        )
+    require_model_dir(model_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as err:

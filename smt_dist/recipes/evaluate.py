@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         if rank == 0:
             print(f"eval.py: error: {err}", file=sys.stderr)
+        leave_process_group(together=False)  # a peer may be in a collective this rank never reaches
         return 1
-    finally:
-        leave_process_group()
+    leave_process_group()
     if rank == 0:
         for name, result in accuracy.items():
             print(f"{name}: {result['accuracy']:.4f} ({result['correct']}/{result['total']})")

@@ -43,6 +43,10 @@ def test_incompatible_configs_are_refused(config, message):
 def test_unreadable_config_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="DeepSpeed config .*missing.json does not exist"):
         read_config(tmp_path / "missing.json")
+    with pytest.raises(
+        IsADirectoryError, match=f"DeepSpeed config {tmp_path} is a directory, not a JSON file"
+    ):
+        read_config(tmp_path)
     (tmp_path / "bad.json").write_text('{"zero_optimization": }')
     with pytest.raises(ValueError, match=r"bad.json is not valid JSON \(line 1"):
         read_config(tmp_path / "bad.json")

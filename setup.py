@@ -24,7 +24,9 @@ setup(
         "mpich; sys_platform == 'linux'",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6", "peft>=0.13", "matplotlib"],
-        "bench": ["peft>=0.13", "matplotlib"],
+        # smt_dist.peft registers SMT in peft's internal tables: only the versions it is tested with.
+        "peft": ["peft>=0.21,<0.22", "trl>=1.16,<2", "datasets>=4"],
+        "test": ["pytest>=8", "ruff>=0.6", "peft>=0.21,<0.22", "trl>=1.16,<2", "datasets>=4", "matplotlib"],
+        "bench": ["peft>=0.21,<0.22", "matplotlib"],
     },
 )

@@ -1,16 +1,12 @@
-"""Block helpers the tests compare with: the package itself never needs them."""
+"""Block helpers the tests compare with (``gather_blocks`` is the package's own)."""
 
 from __future__ import annotations
 
 import torch
 
-from smt_dist.core.blocks import block_view, scatter_blocks
+from smt_dist.core.blocks import gather_blocks, scatter_blocks
 
-
-def gather_blocks(matrix: torch.Tensor, block_index: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Copy the blocks at ``block_index`` (``[nb, 2]`` of row, col) out as ``[nb, l, l]``."""
-    grid = block_view(matrix, block_size).permute(0, 2, 1, 3)
-    return grid[block_index[:, 0], block_index[:, 1]]
+__all__ = ["block_mask", "gather_blocks"]
 
 
 def block_mask(shape: tuple[int, int], block_index: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -53,6 +53,12 @@ def scatter_blocks(
     return out
 
 
+def gather_blocks(matrix: torch.Tensor, block_index: torch.Tensor, block_size: int) -> torch.Tensor:
+    """A copy of the blocks of ``matrix`` at ``block_index``: ``[nb, l, l]``."""
+    grid = block_view(matrix, block_size).permute(0, 2, 1, 3)
+    return grid[block_index[:, 0], block_index[:, 1]].clone()
+
+
 def sort_column_major(index: torch.Tensor) -> torch.Tensor:
     """``index`` (``[nb, 2]`` int64 of row-block, column-block) in SMT's one block order.
 

@@ -57,9 +57,7 @@ class _SparseBlockLinear(torch.autograd.Function):
             )
         else:
             y = F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
-            x_per_block = x_cols if plan.cols_distinct else x_cols.index_select(0, col_slot)  # [nb, N, l]
-            y_delta = torch.bmm(x_per_block, blocks.to(dtype).transpose(1, 2))
-            _row_blocks(y, l).index_add_(1, rows, y_delta.transpose(0, 1))
+            _add_block_products(y, x_cols, blocks, rows, col_slot, plan.cols_distinct)
         ctx.save_for_backward(
             x if plan.save_input else x_cols, weight, blocks, rows, cols, saved_cols, col_slot
         )
@@ -82,15 +80,66 @@ class _SparseBlockLinear(torch.autograd.Function):
                 grad_x = grad_y @ _merged(weight, blocks, rows, cols, grad_y.dtype)
             else:
                 grad_x = grad_y @ weight.to(grad_y.dtype)
-                grad_x_delta = torch.bmm(grad_y_per_block, blocks.to(grad_y.dtype))
-                _row_blocks(grad_x, l).index_add_(1, cols, grad_x_delta.transpose(0, 1))
+                _add_transposed_products(grad_x, grad_y_per_block, blocks, cols)
         if needs_bias:
             grad_bias = grad_y.sum(0)
         if needs_blocks:
-            # dD_k = dY[:, rows_k]^T @ X[:, cols_k], summed over every token, batched over blocks.
-            x_per_block = x_saved if plan.cols_distinct else x_saved.index_select(0, col_slot)
-            grad_blocks = torch.bmm(grad_y_per_block.transpose(1, 2), x_per_block).to(blocks.dtype)
+            grad_blocks = _block_gradients(grad_y_per_block, x_saved, blocks, col_slot, plan.cols_distinct)
         return grad_x, None, grad_bias, grad_blocks, None, None, None, None, None
+
+
+class _AddBlockProducts(torch.autograd.Function):
+    """``y + scatter(x_cols @ D.T)``: the blocks' part alone, added to a base layer's own output.
+
+    For a base layer whose forward and input gradient are its own business (partitioned by ZeRO-3,
+    quantized, wrapped): ``y`` is that layer's output, and its gradient passes through unchanged.
+    The same block products as ``_SparseBlockLinear``'s, in the same order, so over a plain
+    ``nn.Linear`` both give the same values bit for bit (unless that one merges).
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, blocks, rows, cols, saved_cols, col_slot, cols_distinct):
+        l = blocks.shape[-1]
+        x_cols = _block_major(x, l).index_select(0, saved_cols)
+        y = y.clone()
+        _add_block_products(y, x_cols, blocks, rows, col_slot, cols_distinct)
+        ctx.save_for_backward(x_cols, blocks, rows, cols, col_slot)
+        ctx.cols_distinct, ctx.in_features = cols_distinct, x.shape[-1]
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_cols, blocks, rows, cols, col_slot = ctx.saved_tensors
+        needs_x, needs_y, needs_blocks = ctx.needs_input_grad[:3]
+        grad_out = grad_out.contiguous()
+        grad_per_block = _block_major(grad_out, blocks.shape[-1]).index_select(0, rows)
+        grad_x = grad_blocks = None
+        if needs_x:
+            grad_x = grad_out.new_zeros(grad_out.shape[0], ctx.in_features)
+            _add_transposed_products(grad_x, grad_per_block, blocks, cols)
+        if needs_blocks:
+            grad_blocks = _block_gradients(grad_per_block, x_cols, blocks, col_slot, ctx.cols_distinct)
+        return grad_x, grad_out if needs_y else None, grad_blocks, None, None, None, None, None
+
+
+def _add_block_products(y, x_cols, blocks, rows, col_slot, cols_distinct: bool) -> None:
+    """``y[:, rows_k] += x_cols_k @ D_k.T`` for every block, in place, batched over blocks."""
+    l = blocks.shape[-1]
+    x_per_block = x_cols if cols_distinct else x_cols.index_select(0, col_slot)  # [nb, N, l]
+    y_delta = torch.bmm(x_per_block, blocks.to(y.dtype).transpose(1, 2))
+    _row_blocks(y, l).index_add_(1, rows, y_delta.transpose(0, 1))
+
+
+def _add_transposed_products(grad_x, grad_y_per_block, blocks, cols) -> None:
+    """``grad_x[:, cols_k] += dY_k @ D_k`` for every block, in place."""
+    grad_x_delta = torch.bmm(grad_y_per_block, blocks.to(grad_x.dtype))
+    _row_blocks(grad_x, blocks.shape[-1]).index_add_(1, cols, grad_x_delta.transpose(0, 1))
+
+
+def _block_gradients(grad_y_per_block, x_cols, blocks, col_slot, cols_distinct: bool) -> torch.Tensor:
+    """``dD_k = dY[:, rows_k]^T @ X[:, cols_k]``, summed over every token, batched over blocks."""
+    x_per_block = x_cols if cols_distinct else x_cols.index_select(0, col_slot)
+    return torch.bmm(grad_y_per_block.transpose(1, 2), x_per_block).to(blocks.dtype)
 
 
 @dataclass(frozen=True)
@@ -183,16 +232,7 @@ class SparseLinear(nn.Module):
         self.register_load_state_dict_pre_hook(_unmerge_weight_on_load)
 
     def _register_derived_index(self) -> None:
-        """Index tensors the autograd function needs, derived from ``block_index``."""
-        index = self.block_index
-        saved_cols, col_slot = torch.unique(index[:, 1], sorted=True, return_inverse=True)
-        self.register_buffer("_rows", index[:, 0].contiguous(), persistent=False)
-        self.register_buffer("_cols", index[:, 1].contiguous(), persistent=False)
-        self.register_buffer("_saved_cols", saved_cols, persistent=False)
-        self.register_buffer("_col_slot", col_slot, persistent=False)
-        # Blocks are stored column-major, so with one block per column-block the saved columns
-        # already line up with the blocks and need no second gather.
-        self._cols_distinct = len(saved_cols) == len(index)
+        register_derived_index(self)
 
     @staticmethod
     def check_index(
@@ -222,30 +262,7 @@ class SparseLinear(nn.Module):
                 f"The base weight of '{self.name}' requires grad; SMT trains only its blocks. "
                 "Freeze it with weight.requires_grad_(False)."
             )
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
-            x = x.to(torch.get_autocast_dtype(device_type))
-        leading = x.shape[:-1]
-        x2d = x.reshape(-1, self.in_features)
-        # Autocast is off inside so the function sees exactly the dtypes chosen above.
-        with torch.autocast(device_type, enabled=False):
-            y = _SparseBlockLinear.apply(
-                x2d,
-                self.weight,
-                self.bias,
-                self.blocks,
-                self._rows,
-                self._cols,
-                self._saved_cols,
-                self._col_slot,
-                _Plan(
-                    cols_distinct=self._cols_distinct,
-                    save_input=self.save_input,
-                    merged=self.num_blocks * self.block_size**2
-                    >= MERGE_AREA * self.in_features * self.out_features,
-                ),
-            )
-        return y.view(*leading, self.out_features)
+        return sparse_linear(x, self.weight, self.bias, self, save_input=self.save_input)
 
     @torch.no_grad()
     def merged_weight(
@@ -282,6 +299,76 @@ class SparseLinear(nn.Module):
             f"bias={self.bias is not None}, block_size={self.block_size}, "
             f"num_blocks={self.num_blocks}"
         )
+
+
+def register_derived_index(module: nn.Module) -> None:
+    """Index tensors the autograd functions need, derived from ``module.block_index``, as
+    non-persistent buffers of the module (they follow it across devices)."""
+    index = module.block_index
+    saved_cols, col_slot = torch.unique(index[:, 1], sorted=True, return_inverse=True)
+    module.register_buffer("_rows", index[:, 0].contiguous(), persistent=False)
+    module.register_buffer("_cols", index[:, 1].contiguous(), persistent=False)
+    module.register_buffer("_saved_cols", saved_cols, persistent=False)
+    module.register_buffer("_col_slot", col_slot, persistent=False)
+    # Blocks are stored column-major, so with one block per column-block the saved columns
+    # already line up with the blocks and need no second gather.
+    module._cols_distinct = len(saved_cols) == len(index)
+
+
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return x.to(torch.get_autocast_dtype(device_type))
+    return x
+
+
+def sparse_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, holder: nn.Module, *, save_input: bool
+) -> torch.Tensor:
+    """``x @ (W + D).T + b`` with gradients for ``x`` and the blocks only.
+
+    ``holder`` holds ``blocks``, ``block_size``, ``block_index`` and the index buffers of
+    ``register_derived_index`` (a ``SparseLinear``, or an adapter's blocks beside a base layer)."""
+    x = _autocast_input(x)
+    leading, (out_features, in_features) = x.shape[:-1], weight_shape(weight)
+    num_blocks, l = holder.block_index.shape[0], holder.block_size  # also while blocks are partitioned
+    # Autocast is off inside so the function sees exactly the dtypes chosen above.
+    with torch.autocast(x.device.type, enabled=False):
+        y = _SparseBlockLinear.apply(
+            x.reshape(-1, in_features),
+            weight,
+            bias,
+            holder.blocks,
+            holder._rows,
+            holder._cols,
+            holder._saved_cols,
+            holder._col_slot,
+            _Plan(
+                cols_distinct=holder._cols_distinct,
+                save_input=save_input,
+                merged=num_blocks * l**2 >= MERGE_AREA * in_features * out_features,
+            ),
+        )
+    return y.view(*leading, out_features)
+
+
+def add_block_products(x: torch.Tensor, y: torch.Tensor, holder: nn.Module) -> torch.Tensor:
+    """``y`` (a base layer's output for ``x``) plus the blocks' products, scattered to their rows;
+    gradients for ``x`` (the blocks' share), ``y`` (passed through) and the blocks."""
+    x = _autocast_input(x)
+    y2d = y.reshape(-1, y.shape[-1])
+    with torch.autocast(x.device.type, enabled=False):
+        out = _AddBlockProducts.apply(
+            x.reshape(-1, x.shape[-1]).to(y.dtype),
+            y2d,
+            holder.blocks,
+            holder._rows,
+            holder._cols,
+            holder._saved_cols,
+            holder._col_slot,
+            holder._cols_distinct,
+        )
+    return out.view(y.shape)
 
 
 MERGED_FLAG = "weight_includes_blocks"

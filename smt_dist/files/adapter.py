@@ -129,11 +129,7 @@ def read_smt_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{config_file} is not an smt_dist adapter config (format {FORMAT}).")
     _check_meta(meta, config_file)
-    try:
-        with safe_open(str(weights_file), framework="pt") as handle:
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{weights_file} is truncated or not a safetensors file ({err}).") from err
+    tensors = read_safetensors(weights_file)
     block_size = meta["block_size"]
     for name, entry in meta["modules"].items():
         blocks, index = tensors.get(f"{name}.blocks"), tensors.get(f"{name}.block_index")
@@ -160,6 +156,15 @@ def read_smt_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
         if not torch.isfinite(blocks).all():
             raise ValueError(f"{weights_file}: the blocks of '{name}' hold NaN or infinity.")
     return meta, tensors
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a truncated or foreign file is one ``ValueError``."""
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{file} is truncated or not a safetensors file ({err}).") from err
 
 
 def _check_meta(meta: dict[str, Any], file: Path) -> None:
@@ -285,6 +290,8 @@ def _base_weight(model: nn.Module, name: str) -> torch.Tensor:
         module = model.get_submodule(name)
     except AttributeError as err:
         raise ValueError(f"this model has no module '{name}'.") from err
+    if hasattr(module, "get_base_layer"):  # a peft tuner layer wrapping the base linear
+        module = module.get_base_layer()
     if not isinstance(module, (nn.Linear, SparseLinear)):
         raise ValueError(f"module '{name}' is a {type(module).__name__}, not a linear layer.")
     return module.weight

@@ -75,9 +75,25 @@ def prepare(
     ``save_pretrained`` then write each trained weight as ``W + D`` under its usual name, which
     ``from_pretrained`` loads as the fine-tuned model (see ``smt_dist.integrations.merge_on_save``).
     """
-    from torch.distributed.tensor import DTensor
-
     from smt_dist.integrations.merge_on_save import save_merged
+
+    selection = warm_up_and_choose(model, warmup_batches, smt_config, config=config, loss_fn=loss_fn)
+    apply_smt(model, selection, smt_config)
+    if merge_on_save:
+        save_merged(model)
+    return model
+
+
+def warm_up_and_choose(
+    model: torch.nn.Module,
+    warmup_batches: Iterable[Any],
+    smt_config: SMTConfig,
+    *,
+    config: dict[str, Any] | str | os.PathLike | None = None,
+    loss_fn: Any = None,
+) -> BlockSelection:
+    """``prepare`` without the conversion: the selection, the same on every rank (collective)."""
+    from torch.distributed.tensor import DTensor
 
     if any(isinstance(p, DTensor) for p in model.parameters()):
         raise ValueError(
@@ -100,10 +116,7 @@ def prepare(
         selection, _ = choose_blocks(
             model, warmup_batches, smt_config, loss_fn=loss_fn, after_backward=after_backward
         )
-    apply_smt(model, selection, smt_config)
-    if merge_on_save:
-        save_merged(model)
-    return model
+    return selection
 
 
 def _transformers_config() -> dict[str, Any] | None:

@@ -281,3 +281,44 @@ def test_blocks_cast_to_bf16_as_trl_does_on_quantized_bases():
     train(model, params, 2)
     assert all(p.dtype == torch.bfloat16 for p in params)
     assert any(not torch.equal(a, p.detach()) for a, p in zip(before, params, strict=True))
+
+
+def _zero3_save_on_rank(rank, world, out_dir):
+    import deepspeed
+
+    from smt_dist.distributed.params import full_value
+
+    base = tiny_causal_lm()
+    options = dict(
+        block_size=16, num_blocks=6, warmup_steps=2, target_modules=["q_proj", "v_proj", "up_proj"]
+    )
+    config = preprocess_smt(base, SMTPeftConfig(**options), lm_batches(4)[rank * 2 : rank * 2 + 2])
+    model = get_peft_model(base, config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # threshold 0: ZeRO-3 would otherwise keep parameters this small whole on every rank
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    ds_config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": zero}
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.AdamW(trainable, lr=1e-2), config=ds_config
+    )
+    for batch in lm_batches(2, seed=5 + rank):
+        engine.backward(engine(**batch).loss)
+        engine.step()
+    assert all(p.numel() == 0 for p in trainable)  # partitioned: no rank holds a whole block tensor
+    model.save_pretrained(f"{out_dir}/adapter", is_main_process=rank == 0)  # on every rank, as peft asks
+    reference = {name: full_value(p).clone() for name, p in model.named_parameters() if p.requires_grad}
+    if rank == 0:
+        torch.save(reference, f"{out_dir}/reference.pt")
+
+
+def test_zero3_save_pretrained_gathers_only_the_blocks(tmp_path):
+    from distributed_utils import run_on_ranks
+    from safetensors.torch import load_file
+
+    run_on_ranks(_zero3_save_on_rank, 2, str(tmp_path))
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    reference = torch.load(tmp_path / "reference.pt")
+    assert reference and all(key.endswith((".smt_blocks.blocks", ".smt_blocks.block_index")) for key in saved)
+    for name, value in reference.items():
+        key = name.replace(".default.", ".")
+        assert torch.equal(saved[key], value) and value.abs().amax() > 0, name

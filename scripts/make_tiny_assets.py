@@ -6,6 +6,7 @@ Writes, from the generated world of ``scripts/tiny_world.py`` and fixed seeds (b
 on every machine):
 
 - ``data/tiny_instruct.jsonl``: the fine-tuning set (Alpaca layout): the train splits of both tasks;
+- ``data/tiny_chat.jsonl``: 400 of its questions as conversations (``messages``), for the chat formats;
 - ``data/tiny_eval/<task>/{test,val}.json``: held-out splits in LLM-Adapters' layout
   (``instruction``, ``input``, ``output``, ``answer``), never in the fine-tuning set;
 - ``models/tiny-llama/`` and ``models/world-llama/`` tokenizer files: byte-level BPEs trained on
@@ -63,8 +64,14 @@ def make_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast
     )
 
 
+CHAT_TEMPLATE = ROOT / "data" / "chat_template.jinja"
+
+
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, model_dir: Path) -> None:
     model_dir.mkdir(parents=True, exist_ok=True)
+    # "User: ... / Assistant: ...", the chat layout of the world's pretraining text, with the
+    # {% generation %} markers that let the job train on the assistant's turns only.
+    tokenizer.chat_template = CHAT_TEMPLATE.read_text()
     tokenizer.save_pretrained(model_dir)
     # Name the class that transformers 4 and 5 both know, so either version loads the directory.
     config_file = model_dir / "tokenizer_config.json"
@@ -92,6 +99,23 @@ def task_splits(seed: int = 0) -> dict[str, dict[str, list[dict]]]:
     return {"tiny_facts": facts, "tiny_arith": arith}
 
 
+def chat_records(records: list[dict], rng: random.Random) -> list[dict]:
+    """The same questions as conversations (``messages``): one or two user/assistant turns, some
+    after a system line; the data the job's chat formats are tested on."""
+    out, i = [], 0
+    while i < len(records):
+        turns = records[i : i + rng.choice((1, 2))]
+        i += len(turns)
+        messages = [{"role": "system", "content": "Answer the question."}] if rng.random() < 0.3 else []
+        for record in turns:
+            messages += [
+                {"role": "user", "content": record["instruction"]},
+                {"role": "assistant", "content": record["output"]},
+            ]
+        out.append({"messages": messages})
+    return out
+
+
 def main() -> None:
     from smt_dist.recipes.data import format_prompt
 
@@ -103,6 +127,8 @@ def main() -> None:
     data_file.write_text(
         "".join(json.dumps({k: r[k] for k in ("instruction", "input", "output")}) + "\n" for r in train)
     )
+    chat_file = ROOT / "data" / "tiny_chat.jsonl"
+    chat_file.write_text("".join(json.dumps(c) + "\n" for c in chat_records(train[:400], random.Random(6))))
     for name, splits in tasks.items():
         folder = ROOT / "data" / "tiny_eval" / name
         folder.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from transformers import HfArgumentParser
 from smt_dist.core.config import SCORES, SMTConfig
 from smt_dist.engines import BACKENDS
 from smt_dist.files.jsonfile import read_json
+from smt_dist.recipes.formats import FORMATS
 
 # The embedded defaults, relative to the working directory (a checkout of the repository): an
 # installed package carries no model, and a path inside it would point nowhere.
@@ -37,7 +38,19 @@ class TrainArguments:
         },
     )
     data_path: str | None = field(
-        default=None, metadata={"help": "Alpaca-layout .json/.jsonl. Default: the embedded dataset."}
+        default=None,
+        metadata={"help": "A .json, .jsonl, .parquet or .csv data file. Default: the embedded dataset."},
+    )
+    dataset_format: str = field(
+        default="auto",
+        metadata={"help": f"auto (read from the first record), {', '.join(FORMATS)}."},
+    )
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "A Jinja chat template file for conversations (default: the tokenizer's own)."},
+    )
+    assistant_only_loss: bool = field(
+        default=True, metadata={"help": "Conversations: the loss on the assistant's turns only."}
     )
     output_dir: str = field(
         default="runs/smt", metadata={"help": "Where logs, checkpoints and the adapter go."}
@@ -83,7 +96,7 @@ class TrainArguments:
     )
     eval_data_path: str | None = field(
         default=None,
-        metadata={"help": "An Alpaca-layout file whose loss is reported (instead of --val_set_size)."},
+        metadata={"help": "A data file (same format) whose loss is reported (instead of --val_set_size)."},
     )
     eval_steps: int = field(
         default=0, metadata={"help": "Validation loss every this many steps (0: only at the end)."}
@@ -146,6 +159,10 @@ class TrainArguments:
             )
         if self.warmup_steps < 0:
             raise ValueError(f"--warmup_steps must be >= 0, got {self.warmup_steps}.")
+        if self.dataset_format not in ("auto", *FORMATS):
+            raise ValueError(
+                f"--dataset_format must be auto or one of {', '.join(FORMATS)}, got {self.dataset_format!r}."
+            )
         if self.lr_scheduler_type not in ("linear", "cosine", "constant"):
             raise ValueError(
                 f"--lr_scheduler_type must be linear, cosine or constant, got {self.lr_scheduler_type!r}."

@@ -1,8 +1,9 @@
-"""Instruction data in the Alpaca layout, tokenised with the prompt masked out of the loss.
+"""Training data: files read and checked, records tokenised, batches in a fixed order.
 
-The layout (``instruction``, ``input``, ``output``) is that of the LLM-Adapters commonsense and
-math sets the SMT paper trains on; the template below is theirs (Alpaca's). A record becomes
-``prompt + output + eos``; labels are ``-100`` over the prompt, so only the response is learned.
+A data file (JSON, JSONL, parquet, CSV) holds records in one of the layouts of
+``smt_dist.recipes.formats`` (Alpaca, the layout of the LLM-Adapters sets the SMT paper trains on,
+conversations, prompt/completion, plain text); each becomes token ids and labels with ``-100``
+wherever nothing is learned.
 
 Batches come in a fixed order that depends only on the seed, the epoch and the rank, so a resumed
 run can skip exactly the micro-batches it has already seen.
@@ -18,57 +19,74 @@ from typing import Any
 import torch
 
 from smt_dist.files.model_dir import require_model_dir
-
-IGNORE_INDEX = -100
-
-PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further "
-    "context. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+from smt_dist.recipes.formats import (  # noqa: F401  # format_prompt: the Alpaca prompt, also named here
+    IGNORE_INDEX,
+    checked_record,
+    detect_format,
+    format_prompt,
+    tokenize_record,
 )
-PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately "
-    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-)
-
-
-def format_prompt(record: dict[str, str]) -> str:
-    """The Alpaca prompt for a record: everything the model sees before its response."""
-    if record.get("input"):
-        return PROMPT_WITH_INPUT.format(instruction=record["instruction"], input=record["input"])
-    return PROMPT_NO_INPUT.format(instruction=record["instruction"])
 
 
 def read_records(path: str | Path) -> list[dict[str, str]]:
-    """Read a ``.json`` array or ``.jsonl`` file of Alpaca records, checking every one.
+    """Read a ``.json`` array or ``.jsonl`` file of Alpaca records, checking every one."""
+    return read_dataset(path, "alpaca")[0]
 
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file and line
-    of the first malformed record, or saying the file holds no records.
+
+def read_dataset(path: str | Path, dataset_format: str = "auto") -> tuple[list[dict[str, Any]], str]:
+    """Read a data file (``.json`` array, ``.jsonl``, ``.parquet`` or ``.csv``) and its format.
+
+    ``dataset_format`` ``auto`` reads the layout from the first record; every record is then
+    checked against it (``smt_dist.recipes.formats``). Raises ``FileNotFoundError`` for a missing
+    file and ``ValueError`` naming the file and line (or row) of the first malformed record, or
+    saying the file holds no records.
     """
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"Data file {path} is a directory; give a .json or .jsonl file.")
+        raise IsADirectoryError(
+            f"Data file {path} is a directory; give a .json, .jsonl, .parquet or .csv file."
+        )
     if not path.is_file():
         raise FileNotFoundError(f"Data file {path} does not exist.")
+    located = _table_rows(path) if path.suffix in (".parquet", ".csv") else _json_items(path)
+    if not located:
+        raise ValueError(f"{path} holds no records.")
+    if dataset_format == "auto":
+        dataset_format = detect_format(located[0][1], f"{path}:{located[0][0]}")
+    return [
+        checked_record(item, dataset_format, f"{path}:{where}") for where, item in located
+    ], dataset_format
+
+
+def _json_items(path: Path) -> list[tuple[int, Any]]:
+    """The records of a JSON array or JSON-lines file, with the line each starts on."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         line = path.read_bytes()[: err.start].count(b"\n") + 1
         raise ValueError(f"{path}:{line}: not UTF-8 text ({err.reason}).") from err
-    located: list[tuple[int, Any]] = []
     if path.suffix == ".json" or text.lstrip().startswith("["):
-        located = _array_items(text, path)
-    else:
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    located.append((lineno, json.loads(line)))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg}).") from err
-    records = [_checked_record(item, f"{path}:{lineno}") for lineno, item in located]
-    if not records:
-        raise ValueError(f"{path} holds no records.")
-    return records
+        return _array_items(text, path)
+    located: list[tuple[int, Any]] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                located.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg}).") from err
+    return located
+
+
+def _table_rows(path: Path) -> list[tuple[str, Any]]:
+    """The rows of a parquet or CSV file, read through ``datasets`` (``row N``, from 1)."""
+    import datasets
+
+    builder = "parquet" if path.suffix == ".parquet" else "csv"
+    try:
+        table = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as err:  # pyarrow and datasets raise many types for a damaged file
+        raise ValueError(f"{path} is not a readable {builder} file ({type(err).__name__}: {err}).") from err
+    return [(f"row {i}", row) for i, row in enumerate(table, start=1)]
 
 
 def _array_items(text: str, path: Path) -> list[tuple[int, Any]]:
@@ -109,33 +127,31 @@ def _array_items(text: str, path: Path) -> list[tuple[int, Any]]:
     return items
 
 
-def _checked_record(item: Any, where: str) -> dict[str, str]:
-    if not isinstance(item, dict):
-        raise ValueError(f"{where}: a record must be a JSON object, got {type(item).__name__}.")
-    for key in ("instruction", "output"):
-        if not isinstance(item.get(key), str) or not item[key].strip():
-            raise ValueError(f"{where}: the record lacks a non-empty string field '{key}'.")
-    if not isinstance(item.get("input", ""), str):
-        raise ValueError(f"{where}: the field 'input' must be a string.")
-    return {"instruction": item["instruction"], "input": item.get("input", ""), "output": item["output"]}
-
-
 def tokenize_records(
-    records: list[dict[str, str]], tokenizer: Any, *, max_seq_length: int
+    records: list[dict[str, Any]],
+    tokenizer: Any,
+    *,
+    max_seq_length: int,
+    dataset_format: str = "alpaca",
+    assistant_only_loss: bool = True,
 ) -> tuple[list[dict[str, list[int]]], int]:
-    """Token ids and labels per record, truncated to ``max_seq_length``.
+    """Token ids and labels per checked record (``read_dataset``), truncated to ``max_seq_length``.
 
-    Returns the examples and how many records were dropped because their prompt alone filled
-    ``max_seq_length`` (they would carry no loss).
+    Returns the examples and how many records were dropped because truncation left them no token
+    with a loss (a prompt alone filling ``max_seq_length``).
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer has no eos token; the response needs one to end.")
     examples, dropped = [], 0
-    for record in records:
-        prompt = tokenizer(format_prompt(record), add_special_tokens=True)["input_ids"]
-        response = tokenizer(record["output"], add_special_tokens=False)["input_ids"]
-        ids = (prompt + response + [tokenizer.eos_token_id])[:max_seq_length]
-        labels = ([IGNORE_INDEX] * len(prompt) + response + [tokenizer.eos_token_id])[:max_seq_length]
+    for i, record in enumerate(records):
+        ids, labels = tokenize_record(
+            record,
+            dataset_format,
+            tokenizer,
+            assistant_only_loss=assistant_only_loss,
+            where=f"record {i + 1}",
+        )
+        ids, labels = ids[:max_seq_length], labels[:max_seq_length]
         if all(label == IGNORE_INDEX for label in labels):
             dropped += 1
             continue
@@ -207,6 +223,30 @@ class BatchOrder:
             for indices in self.epoch(epoch)[skip:]:
                 yield epoch, indices
             epoch, skip = epoch + 1, 0
+
+
+def read_chat_template(path: str | Path) -> str:
+    """A Jinja chat template from a file, checked to parse."""
+    import jinja2
+    import jinja2.ext
+
+    class Generation(jinja2.ext.Extension):  # transformers' {% generation %} tag, for parsing only
+        tags = frozenset({"generation"})
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Chat template {path} does not exist.")
+    try:
+        text = path.read_text(encoding="utf-8")
+        jinja2.Environment(extensions=[Generation, jinja2.ext.loopcontrols]).parse(text)
+    except (UnicodeDecodeError, jinja2.TemplateSyntaxError) as err:
+        raise ValueError(f"{path} is not a Jinja chat template ({err}).") from err
+    return text
 
 
 def load_tokenizer(model_dir: Path):

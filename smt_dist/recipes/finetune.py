@@ -28,6 +28,7 @@ its adapter (till then the new run's log and selection wait in ``.new-run/``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -67,7 +68,8 @@ from smt_dist.recipes.data import (
     collate,
     hold_out,
     load_tokenizer,
-    read_records,
+    read_chat_template,
+    read_dataset,
     tokenize_records,
 )
 from smt_dist.recipes.failures import USER_ERRORS, claim_report, peer_failed, reported_writes
@@ -130,18 +132,23 @@ class SMTRecipe:
         meta_model = empty_model(args.model_dir)  # config.json first: the tokenizer reads it too
         self.tokenizer = load_tokenizer(args.model_dir)
         check_vocabulary(args.model_dir, self.tokenizer, meta_model)
-        records = read_records(args.data_file)
+        if args.chat_template:
+            self.tokenizer.chat_template = read_chat_template(args.chat_template)
+        records, data_format = read_dataset(args.data_file, args.dataset_format)
         self.data_digest = hashlib.sha256(args.data_file.read_bytes()).hexdigest()[:16]
-        self.examples, self.dropped = tokenize_records(
-            records, self.tokenizer, max_seq_length=args.max_seq_length
+        tokenize = functools.partial(
+            tokenize_records,
+            tokenizer=self.tokenizer,
+            max_seq_length=args.max_seq_length,
+            dataset_format=data_format,
+            assistant_only_loss=args.assistant_only_loss,
         )
+        self.examples, self.dropped = tokenize(records)
         self.val_examples: list[dict] = []
         if args.val_set_size:
             self.examples, self.val_examples = hold_out(self.examples, args.val_set_size, seed=args.seed)
         elif args.eval_data_path:
-            self.val_examples, _ = tokenize_records(
-                read_records(args.eval_data_path), self.tokenizer, max_seq_length=args.max_seq_length
-            )
+            self.val_examples, _ = tokenize(read_dataset(args.eval_data_path, data_format)[0])
         self.given_selection = self._check_model(meta_model)
         # Built now, with the world size the launcher announced, so a bad engine config writes nothing.
         self.backend = backend_class(args.backend)(

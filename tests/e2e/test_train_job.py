@@ -312,7 +312,48 @@ BAD_INPUTS = {
         lambda d: ["--resume_from_checkpoint", str(d / "ckpt")],
         "ckpt is not a checkpoint of this job",
     ),
+    "conversation without an assistant turn": (
+        lambda d: [
+            "--data_path",
+            write(d / "chat.jsonl", CHAT + '{"messages": [{"role": "user", "content": "hi"}]}\n'),
+        ],
+        r"chat.jsonl:2: the conversation has no assistant turn",
+    ),
+    "unknown role": (
+        lambda d: ["--data_path", write(d / "chat.jsonl", CHAT.replace('"user"', '"robot"'))],
+        r"chat.jsonl:1: turn 0 of 'messages' has the unknown role 'robot'",
+    ),
+    "undetectable format": (
+        lambda d: ["--data_path", write(d / "qa.jsonl", '{"question": "a", "answer": "b"}\n')],
+        r"qa.jsonl:1: cannot tell the data format from the fields \['answer', 'question'\]",
+    ),
+    "chat template that fails": (
+        lambda d: [
+            "--data_path",
+            write(d / "chat.jsonl", CHAT),
+            "--chat_template",
+            write(
+                d / "t.jinja",
+                "{% generation %}{{ raise_exception('no system turns here') }}{% endgeneration %}",
+            ),
+        ],
+        r"record 1: the chat template fails on this conversation \(no system turns here\)",
+    ),
+    "chat template that is not jinja": (
+        lambda d: [
+            "--data_path",
+            write(d / "chat.jsonl", CHAT),
+            "--chat_template",
+            write(d / "t.jinja", "{% for %}"),
+        ],
+        r"t.jinja is not a Jinja chat template",
+    ),
+    "unknown format": (
+        lambda d: ["--dataset_format", "yaml"],
+        "--dataset_format must be auto or one of alpaca",
+    ),
 }
+CHAT = '{"messages": [{"role": "user", "content": "2 + 3?"}, {"role": "assistant", "content": "5"}]}\n'
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
@@ -356,3 +397,19 @@ def test_script_exits_non_zero_with_one_line(tmp_path):
     )
     assert not (tmp_path / "o").exists()
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_conversations_train_from_jsonl_and_parquet_alike(tmp_path):
+    """The shipped ``messages`` JSONL under DeepSpeed and the same conversations as parquet under
+    torchrun: the same examples (assistant turns only in the loss), so the same loss curve."""
+    import datasets
+
+    chat = REPO / "data" / "tiny_chat.jsonl"
+    parquet = tmp_path / "chat.parquet"
+    datasets.Dataset.from_json(str(chat)).to_parquet(str(parquet))
+    steps = ["--max_steps", "6", "--save_steps", "0"]
+    jsonl_run = run_job("deepspeed", tmp_path / "jsonl", "zero2_smt", "--data_path", str(chat), *steps)
+    parquet_run = run_job("torchrun", tmp_path / "parquet", None, "--data_path", str(parquet), *steps)
+    curve = losses(jsonl_run)
+    assert len(curve) == 6 and curve[-1] < curve[0], curve
+    torch.testing.assert_close(losses(parquet_run), curve, **PARITY)

@@ -52,6 +52,10 @@ class TrainArguments:
     assistant_only_loss: bool = field(
         default=True, metadata={"help": "Conversations: the loss on the assistant's turns only."}
     )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Lay examples end to end into rows of max_seq_length (no attention across them)."},
+    )
     output_dir: str = field(
         default="runs/smt", metadata={"help": "Where logs, checkpoints and the adapter go."}
     )

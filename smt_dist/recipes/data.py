@@ -179,8 +179,36 @@ def hold_out(examples: list[dict], size: int, *, seed: int) -> tuple[list[dict],
     )
 
 
+def pack_examples(examples: list[dict[str, list[int]]], *, max_seq_length: int) -> list[dict[str, list[int]]]:
+    """Examples laid end to end into rows of at most ``max_seq_length`` tokens, in order.
+
+    Each row carries ``position_ids`` that restart at 0 for every example: given those and no
+    attention mask, transformers' causal mask keeps every token inside its own example. The first
+    label of each example is ignored, as it is unpacked (it is predicted by nothing of its own), so
+    a row's summed loss is the sum of its examples' losses.
+    """
+    rows: list[dict[str, list[int]]] = []
+    row: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for example in examples:
+        n = len(example["input_ids"])
+        if row["input_ids"] and len(row["input_ids"]) + n > max_seq_length:
+            rows.append(row)
+            row = {"input_ids": [], "labels": [], "position_ids": []}
+        row["input_ids"] += example["input_ids"]
+        row["labels"] += [IGNORE_INDEX, *example["labels"][1:]]
+        row["position_ids"] += list(range(n))
+    if row["input_ids"]:
+        rows.append(row)
+    return rows
+
+
 def collate(examples: list[dict[str, list[int]]], *, pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of examples into ``input_ids``, ``attention_mask`` and ``labels``."""
+    """Right-pad a list of examples into ``input_ids``, ``attention_mask`` and ``labels``.
+
+    Packed rows (``pack_examples``) get ``position_ids`` instead of an attention mask; their
+    padding is one more segment of its own, with no loss."""
+    if "position_ids" in examples[0]:
+        return _collate_packed(examples, pad_token_id=pad_token_id)
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -191,6 +219,20 @@ def collate(examples: list[dict[str, list[int]]], *, pad_token_id: int) -> dict[
         labels[row, :n] = torch.tensor(example["labels"])
         mask[row, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _collate_packed(rows: list[dict[str, list[int]]], *, pad_token_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        ids[i, :n] = torch.tensor(row["input_ids"])
+        labels[i, :n] = torch.tensor(row["labels"])
+        positions[i, :n] = torch.tensor(row["position_ids"])
+        positions[i, n:] = torch.arange(width - n)
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,7 @@ from smt_dist.recipes.data import (
     collate,
     hold_out,
     load_tokenizer,
+    pack_examples,
     read_chat_template,
     read_dataset,
     tokenize_records,
@@ -149,6 +150,8 @@ class SMTRecipe:
             self.examples, self.val_examples = hold_out(self.examples, args.val_set_size, seed=args.seed)
         elif args.eval_data_path:
             self.val_examples, _ = tokenize(read_dataset(args.eval_data_path, data_format)[0])
+        if args.packing:  # after the hold-out: validation examples are scored one by one
+            self.examples = pack_examples(self.examples, max_seq_length=args.max_seq_length)
         self.given_selection = self._check_model(meta_model)
         # Built now, with the world size the launcher announced, so a bad engine config writes nothing.
         self.backend = backend_class(args.backend)(
@@ -212,8 +215,9 @@ class SMTRecipe:
             )
         )
         log.info(
-            "%d examples (%d dropped: prompt longer than max_seq_length), %d ranks, backend %s, %d steps",
+            "%d %s (%d dropped: prompt longer than max_seq_length), %d ranks, backend %s, %d steps",
             len(self.examples),
+            "packed rows" if self.args.packing else "examples",
             self.dropped,
             self.world,
             self.backend.name,
@@ -313,7 +317,7 @@ class SMTRecipe:
                     backend.backward(loss)
                     backend.step()
                     losses.append(loss.detach().float())
-                    tokens += int(batch["attention_mask"].sum())
+                    tokens += sum(len(self.examples[i]["input_ids"]) for i in indices)  # no padding
                 stats = torch.tensor([torch.stack(losses).mean().item(), float(tokens)], dtype=torch.float64)
                 stats = stats.to(backend.device)
                 torch.distributed.all_reduce(stats)

@@ -182,3 +182,14 @@ def test_quality_runs_every_method_at_matched_budgets_and_resumes(tmp_path):
     before = out.read_text()
     run("quality.py", *smoke)
     assert json.loads(out.read_text())["runs"] == json.loads(before)["runs"]
+
+
+def test_packing_benchmark_packs_and_reports_its_ratio(tmp_path):
+    run("packing.py", "--steps", "1", "--threads", "1", "--json", str(tmp_path / "packing.json"))
+    results = json.loads((tmp_path / "packing.json").read_text())["results"]
+    chat = next(r for name, r in results.items() if "tiny_chat" in name)
+    assert chat["packed"]["rows"] < chat["padded"]["rows"]  # several conversations a row
+    assert chat["packed"]["padding"] < chat["padded"]["padding"]
+    for report in results.values():
+        ratio = report["packed"]["tokens_per_second"] / report["padded"]["tokens_per_second"]
+        assert report["packed_over_padded_tokens_per_second"] == pytest.approx(ratio, abs=0.01)

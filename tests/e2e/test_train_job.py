@@ -202,14 +202,21 @@ def test_validation_loss_equals_one_process_on_the_held_out_records(tmp_path, la
 
 
 @pytest.mark.parametrize(
-    ("launcher", "config"), [("deepspeed", "zero2_smt"), ("torchrun", None), ("torchrun", "fsdp")]
+    ("launcher", "config", "extra"),
+    [
+        ("deepspeed", "zero2_smt", ()),
+        ("torchrun", None, ()),
+        ("torchrun", "fsdp", ()),
+        ("torchrun", None, ("--packing", "--data_path", "data/tiny_chat.jsonl", "--max_seq_length", "256")),
+    ],
+    ids=["zero2", "torchrun", "fsdp", "packing"],
 )
-def test_killed_run_resumes_to_the_uninterrupted_result(reference, tmp_path, launcher, config):
-    if config != "zero2_smt":  # the backend's own uninterrupted run is the bit-exact reference
-        reference = run_job(launcher, tmp_path / "uninterrupted", config)
+def test_killed_run_resumes_to_the_uninterrupted_result(reference, tmp_path, launcher, config, extra):
+    if config != "zero2_smt" or extra:  # the run's own uninterrupted twin is the bit-exact reference
+        reference = run_job(launcher, tmp_path / "uninterrupted", config, *extra)
     output_dir = tmp_path / "out"
     job = subprocess.Popen(
-        command(launcher, output_dir, config),
+        command(launcher, output_dir, config, *extra),
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -223,7 +230,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(reference, tmp_path, lau
     job.wait()
     assert not (output_dir / "adapter").exists()
 
-    run_job(launcher, output_dir, config, "--resume_from_checkpoint", "latest")
+    run_job(launcher, output_dir, config, *extra, "--resume_from_checkpoint", "latest")
     assert losses(output_dir) == losses(reference)  # bit-exact on CPU fp32
     expected = adapter_tensors(reference)
     assert all(torch.equal(value, expected[key]) for key, value in adapter_tensors(output_dir).items())

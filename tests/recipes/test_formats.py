@@ -151,3 +151,34 @@ def test_a_parquet_file_without_the_columns_names_the_row(tmp_path):
         ValueError, match=r"d.parquet:row 1: the record lacks a non-empty string field 'instruction'"
     ):
         read_dataset(tmp_path / "d.parquet", "alpaca")
+
+
+def test_a_packed_row_loses_what_its_examples_lose_one_by_one(tokenizer):
+    # The shipped model, fp32: the packed row runs one forward over all examples under the
+    # block-diagonal mask transformers builds from position_ids; the same sums in another order.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from smt_dist.recipes.data import collate, pack_examples
+
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    model.config.use_cache = False
+    chat, fmt = read_dataset(REPO / "data" / "tiny_chat.jsonl")
+    examples, _ = tokenize_records(chat[:12], tokenizer, max_seq_length=128, dataset_format=fmt)
+    rows = pack_examples(examples, max_seq_length=256)
+    assert 1 < len(rows) < len(examples) and all(len(r["input_ids"]) <= 256 for r in rows)
+
+    def summed_loss(batch):
+        with torch.no_grad():
+            out = model(**batch)
+        tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        return out.loss * tokens, tokens
+
+    packed = [summed_loss(collate(rows, pad_token_id=tokenizer.pad_token_id))]
+    single = [summed_loss(collate([e], pad_token_id=tokenizer.pad_token_id)) for e in examples]
+    assert packed[0][1] == sum(t for _, t in single)
+    torch.testing.assert_close(packed[0][0], sum(loss for loss, _ in single), rtol=1e-5, atol=1e-4)
+    # without position_ids the examples would see each other: the loss differs
+    crossed = collate(rows, pad_token_id=tokenizer.pad_token_id)
+    del crossed["position_ids"]
+    assert (summed_loss(crossed)[0] - packed[0][0]).abs() > 1e-2

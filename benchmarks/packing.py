@@ -34,7 +34,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(ROOT / "models" / "tiny-llama"))
-    parser.add_argument("--data", default="data/tiny_instruct.jsonl:512,data/tiny_chat.jsonl:512")
+    parser.add_argument("--data", default="data/tiny_instruct.jsonl:256,data/tiny_chat.jsonl:256")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per mode and data file")
     parser.add_argument("--threads", type=int, default=2)
@@ -64,7 +64,7 @@ def main() -> None:
         padded_share: dict[str, list[float]] = {m: [] for m in modes}
         for step in range(args.steps + 1):  # the first step of each mode is a warm-up, not timed
             for mode in sorted(modes, reverse=step % 2 == 1):
-                rows = modes[mode][step * args.batch : (step + 1) * args.batch]
+                rows = [modes[mode][(step * args.batch + i) % len(modes[mode])] for i in range(args.batch)]
                 batch = collate(rows, pad_token_id=tokenizer.pad_token_id)
                 began = time.perf_counter()
                 model(**batch).loss.backward()

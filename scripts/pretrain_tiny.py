@@ -43,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from tiny_world import QUESTION_MIX, STATEMENT_MIX, make_world, pretraining_text, world_text  # noqa: E402
+from tiny_world import POINTING_MIX, QUESTION_MIX, STATEMENT_MIX, make_world, pretraining_text, world_text  # noqa: E402
 
 MODEL_DIRS = {"plain": ROOT / "models" / "tiny-llama", "world": ROOT / "models" / "world-llama"}
 
@@ -68,14 +68,16 @@ def model_config(tokenizer):
 
 
 def token_stream(
-    tokenizer, corpus: str, sentences: int, seed: int, *, questions: bool = False
+    tokenizer, corpus: str, sentences: int, seed: int, *, questions: bool = False, pointing: bool = False
 ) -> torch.Tensor:
     """The pretraining text as one tensor of token ids, documents separated by eos."""
     if corpus == "plain":
         documents = pretraining_text(make_world(0), random.Random(seed), sentences=sentences)
     else:  # a world document holds about six sentences' worth of text
-        mix = QUESTION_MIX if questions else STATEMENT_MIX
-        documents = world_text(make_world(0), random.Random(seed), documents=sentences // 6, mix=mix)
+        mix = POINTING_MIX if pointing else QUESTION_MIX if questions else STATEMENT_MIX
+        documents = world_text(
+            make_world(0), random.Random(seed), documents=sentences // 6, mix=mix, pointing=pointing
+        )
     ids: list[int] = []
     for document in documents:
         ids += tokenizer(document, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -110,6 +112,11 @@ def main() -> None:
         help="the world corpus's question-heavy mix (tiny_world.QUESTION_MIX)",
     )
     parser.add_argument(
+        "--pointing",
+        action="store_true",
+        help="the world corpus's multiple-choice mix (tiny_world.POINTING_MIX), options to point at",
+    )
+    parser.add_argument(
         "--text_seed", type=int, default=7, help="seed of the generated text (a new stage: a new seed)"
     )
     args = parser.parse_args()
@@ -120,7 +127,12 @@ def main() -> None:
         args.label_smoothing = 0.1 if args.corpus == "world" else 0.0
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIRS[args.corpus])
     stream = token_stream(
-        tokenizer, args.corpus, args.sentences, seed=args.text_seed, questions=args.questions
+        tokenizer,
+        args.corpus,
+        args.sentences,
+        seed=args.text_seed,
+        questions=args.questions,
+        pointing=args.pointing,
     )
     sequences = stream[: len(stream) // args.seq * args.seq].view(-1, args.seq)
     order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(1))

@@ -380,13 +380,31 @@ def _options(t: Thing, attribute: str, rng: random.Random) -> tuple[list[str], i
     return options, options.index(right)
 
 
-def _choice_question(t: Thing, attribute: str, rng: random.Random) -> str:
-    """A question about one fact with options in one of several layouts, and its answer."""
+def _choice_question(t: Thing, attribute: str, rng: random.Random, *, layouts: int = 6) -> str:
+    """A question about one fact with options in one of several layouts, and its answer.
+
+    The first six layouts name the option's number or letter before its value, so a model must
+    know the value before it can point at it. ``layouts=10`` adds four that teach the pointing
+    itself: the value said first and then the number of the option that holds it, the value
+    given in the question and only its number asked for (a pure look-up in the context), and a
+    number-first layout of its own."""
     options, i = _options(t, attribute, rng)
     ask = rng.choice(QUESTIONS[attribute]).format(n=t.name)
     right = options[i]
     letters = "abcd"
-    layout = rng.randrange(6)
+    layout = rng.randrange(layouts)
+    if layout == 6:
+        listed = "\n".join(f"{j + 1}. {o}" for j, o in enumerate(options))
+        return f"Q: {ask}\n{listed}\nA: {right}, which is number {i + 1}."
+    if layout == 7:
+        listed = " ".join(f"[{j + 1}] {o}" for j, o in enumerate(options))
+        return f"{ask} Options: {listed}. {right.capitalize()} is right, so the pick is [{i + 1}]."
+    if layout == 8:
+        listed = " ".join(f"({j + 1}) {o}" for j, o in enumerate(options))
+        return f"Which number does {right} have here? {listed}\n{right.capitalize()} is number {i + 1}."
+    if layout == 9:
+        listed = "\n".join(f"#{j + 1} {o}" for j, o in enumerate(options))
+        return f"Pick one. {ask}\n{listed}\nPick: #{i + 1}"
     if layout == 0:
         listed = " ".join(f"({j + 1}) {o}" for j, o in enumerate(options))
         return f"Q: {ask}\n{listed}\nA: ({i + 1}) {right}"
@@ -517,10 +535,16 @@ def _instruction(t: Thing, attribute: str, rng: random.Random) -> str:
 # mixes sentences): the first world model's mix, and one that asks many more questions.
 STATEMENT_MIX = (0.25, 0.45, 0.55, 0.67, 0.73)
 QUESTION_MIX = (0.10, 0.55, 0.80, 0.88, 0.92)
+POINTING_MIX = (0.08, 0.68, 0.85, 0.92, 0.95)  # with pointing=True: mostly options to point at
 
 
 def world_text(
-    world: list[Thing], rng: random.Random, *, documents: int, mix: tuple[float, ...] = STATEMENT_MIX
+    world: list[Thing],
+    rng: random.Random,
+    *,
+    documents: int,
+    mix: tuple[float, ...] = STATEMENT_MIX,
+    pointing: bool = False,
 ) -> list[str]:
     """Documents for the world model: entries, quizzes, chats, instructions, word problems, sums.
 
@@ -530,8 +554,11 @@ def world_text(
     Facts dominate: every fact of the world is stated some hundreds of times in a pretraining run.
     ``mix`` sets the registers' shares (``QUESTION_MIX``: more than half quizzes and instructions,
     for a model that must answer questions about an entity, not only complete statements).
+    ``pointing`` makes 85% of a quiz sheet's questions multiple choice, in ten layouts (see
+    ``_choice_question``), for a model that must name the option that holds what it knows.
     """
     entry, quiz, instruction, problems, sums = mix
+    choice_share, layouts = (0.85, 10) if pointing else (0.6, 6)
     out = []
     for _ in range(documents):
         register = rng.random()
@@ -541,8 +568,10 @@ def world_text(
         elif register < quiz:  # a quiz sheet or a chat about several things
             for _ in range(rng.randint(2, 5)):
                 t, attribute = rng.choice(world), rng.choice(ATTRIBUTES)
-                maker = _choice_question if rng.random() < 0.6 else _open_question
-                parts.append(maker(t, attribute, rng))
+                if rng.random() < choice_share:
+                    parts.append(_choice_question(t, attribute, rng, layouts=layouts))
+                else:
+                    parts.append(_open_question(t, attribute, rng))
             parts = ["\n\n".join(parts)]
         elif register < instruction:  # an instruction and its response
             parts = [_instruction(rng.choice(world), rng.choice(ATTRIBUTES), rng)]

@@ -322,3 +322,13 @@ def test_zero3_save_pretrained_gathers_only_the_blocks(tmp_path):
     for name, value in reference.items():
         key = name.replace(".default.", ".")
         assert torch.equal(saved[key], value) and value.abs().amax() > 0, name
+
+
+def test_an_untested_peft_version_is_refused_in_one_sentence(monkeypatch):
+    from smt_dist.integrations import peft as smt_peft
+
+    monkeypatch.setattr(peft, "__version__", "0.30.1")
+    with pytest.raises(
+        ImportError, match=r"peft 0\.30\.1 does not have as expected; install 'peft>=0\.21,<0\.22'"
+    ):
+        smt_peft._register()

@@ -387,7 +387,7 @@ CASES = {
     ),
     "a data path that is a directory": (
         lambda run, tmp: [["--output_dir", str(tmp / "o"), *FAST, "--data_path", str(tmp)]],
-        r"is a directory; give a .json or .jsonl file",
+        r"is a directory; give a .json, .jsonl, .parquet or .csv file",
     ),
     "only rank 1's data file missing": (
         lambda run, tmp: [

@@ -45,6 +45,10 @@ class SMTConfig:
     max_mlp_fraction: float | None = None
     """Optional cap: at most this fraction of the budget goes to MLP modules."""
 
+    max_blocks_per_row: int | None = None
+    """Optional cap: at most this many blocks in any one row-block of any one module. Not the
+    paper's; the global top-k otherwise fills a few output rows (docs/quality.md)."""
+
     attention_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     """Patterns that put a target in the attention group (for caps and summaries)."""
 
@@ -90,6 +94,9 @@ class SMTConfig:
             raise ValueError(f"warmup_steps must be a positive integer, got {self.warmup_steps!r}.")
         if self.warmup_steps < 1:
             raise ValueError(f"warmup_steps must be a positive integer, got {self.warmup_steps}.")
+        cap = self.max_blocks_per_row
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ValueError(f"max_blocks_per_row must be a positive integer or None, got {cap!r}.")
         for name in ("max_attention_fraction", "max_mlp_fraction"):
             value = getattr(self, name)
             if value is not None and not 0.0 < float(value) <= 1.0:

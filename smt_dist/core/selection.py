@@ -175,6 +175,8 @@ def select_blocks(
     check_budget_fits(budget, available=flat.numel(), modules=len(names))
     order = torch.sort(flat, descending=True, stable=True).indices
     order = _apply_caps(order, names, [s.numel() for s in flat_scores], budget, config)
+    if config.max_blocks_per_row is not None:
+        order = _cap_rows(order, [scores[name].shape for name in names], budget, config.max_blocks_per_row)
 
     chosen = torch.sort(order[:budget]).values
     offsets = torch.tensor([0] + [s.numel() for s in flat_scores]).cumsum(0)
@@ -208,5 +210,28 @@ def _apply_caps(
         raise ValueError(
             f"The caps (attention {caps['attention']}, mlp {caps['mlp']}) leave only {len(kept)} "
             f"eligible blocks for a budget of {budget}; loosen a cap or lower the budget."
+        )
+    return kept
+
+
+def _cap_rows(order: torch.Tensor, grids: list[torch.Size], budget: int, cap: int) -> torch.Tensor:
+    """Drop, in rank order, every block past the ``cap``-th of its (module, row-block)."""
+    row_of = torch.cat(
+        [torch.arange(rows).repeat_interleave(cols) for rows, cols in grids]
+    ) + torch.repeat_interleave(
+        torch.tensor([0] + [rows for rows, _ in grids[:-1]]).cumsum(0),
+        torch.tensor([r * c for r, c in grids]),
+    )
+    rows = row_of[order]  # each candidate's (module, row-block), in rank order
+    grouped = torch.sort(rows, stable=True).indices  # by row, rank order kept inside each row
+    counts = torch.bincount(rows[grouped])
+    starts = counts.cumsum(0) - counts
+    rank_in_row = torch.empty_like(order)
+    rank_in_row[grouped] = torch.arange(len(order)) - starts[rows[grouped]]
+    kept = order[rank_in_row < cap]
+    if len(kept) < budget:
+        raise ValueError(
+            f"max_blocks_per_row={cap} leaves only {len(kept)} eligible blocks for a budget of {budget}; "
+            "raise the cap or lower the budget."
         )
     return kept

@@ -132,6 +132,12 @@ class TrainArguments:
         default=None, metadata={"help": "Budget as a fraction of all parameters."}
     )
     smt_score: str = field(default="mean_abs", metadata={"help": f"Block score: {', '.join(SCORES)}."})
+    smt_max_blocks_per_row: int | None = field(
+        default=None,
+        metadata={
+            "help": "At most this many blocks per row-block of a module (not the paper's; docs/quality.md)."
+        },
+    )
     smt_warmup_steps: int = field(default=8, metadata={"help": "Warm-up micro-batches for block scores."})
     smt_selection: str | None = field(
         default=None,
@@ -196,6 +202,7 @@ class TrainArguments:
             num_blocks=self.smt_num_blocks,
             ratio=self.smt_ratio if self.smt_num_blocks is None else None,
             warmup_steps=self.smt_warmup_steps,
+            max_blocks_per_row=self.smt_max_blocks_per_row,
         )
 
     @property

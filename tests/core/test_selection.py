@@ -107,3 +107,53 @@ def test_authors_recipe_selects_exactly_its_two_budgets(attention, mlp):
         counts["mlp" if ".mlp." in name else "attn"] += len(index)
     assert counts == {"attn": attention, "mlp": mlp}
     assert config.score == "abs_mean" and "o_proj" not in config.target_modules
+
+
+def _capped_reference(scores, budget, cap):
+    """The same rule written as a loop: walk blocks by score (ties: module name, row-major) and
+    skip any block whose (module, row-block) already holds ``cap``."""
+    candidates = [
+        (-float(score[r, c]), name, r, c)
+        for name, score in sorted(scores.items())
+        for r in range(score.shape[0])
+        for c in range(score.shape[1])
+    ]
+    order = sorted(range(len(candidates)), key=lambda i: (candidates[i][0], i))
+    taken, used = {}, {}
+    for i in order:
+        _, name, r, c = candidates[i]
+        if used.get((name, r), 0) < cap:
+            used[(name, r)] = used.get((name, r), 0) + 1
+            taken.setdefault(name, []).append([r, c])
+            if sum(map(len, taken.values())) == budget:
+                break
+    return {name: sorted(map(tuple, blocks)) for name, blocks in taken.items()}
+
+
+@pytest.mark.parametrize("cap", [1, 2])
+def test_row_cap_keeps_the_top_blocks_allowed_in_each_row(cap):
+    generator = torch.Generator().manual_seed(cap)
+    # rows of very different strength, as the warm-up's outer-product-like scores have
+    scores = {
+        "a.q_proj": torch.rand(4, 6, generator=generator) * torch.tensor([[50.0], [1.0], [1.0], [20.0]]),
+        "a.v_proj": torch.rand(2, 6, generator=generator) * 10,
+    }
+    config = SMTConfig(block_size=16, num_blocks=5, max_blocks_per_row=cap)
+    selection = select_blocks(scores, config)
+    got = {name: sorted(map(tuple, index.tolist())) for name, index in selection.blocks.items()}
+    assert got == _capped_reference(scores, 5, cap)
+
+    def fullest_row(selection):
+        rows = [(name, r) for name, index in selection.blocks.items() for r, _ in index.tolist()]
+        return max(rows.count(row) for row in rows)
+
+    assert fullest_row(selection) <= cap
+    assert fullest_row(select_blocks(scores, SMTConfig(block_size=16, num_blocks=5))) > cap  # it bit
+
+
+def test_row_cap_that_leaves_too_few_blocks_says_so():
+    scores = {"a.q_proj": torch.rand(2, 4)}
+    with pytest.raises(
+        ValueError, match="max_blocks_per_row=1 leaves only 2 eligible blocks for a budget of 3"
+    ):
+        select_blocks(scores, SMTConfig(block_size=16, num_blocks=3, max_blocks_per_row=1))

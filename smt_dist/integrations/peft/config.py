@@ -32,6 +32,7 @@ _SMT_FIELDS = (
     "warmup_steps",
     "max_attention_fraction",
     "max_mlp_fraction",
+    "max_blocks_per_row",
 )
 
 
@@ -51,6 +52,7 @@ class SMTPeftConfig(PeftConfig):
     warmup_steps: int = field(default=10, metadata={"help": "Warm-up micro-batches."})
     max_attention_fraction: float | None = field(default=None, metadata={"help": "Cap on attention blocks."})
     max_mlp_fraction: float | None = field(default=None, metadata={"help": "Cap on MLP blocks."})
+    max_blocks_per_row: int | None = field(default=None, metadata={"help": "Cap per row-block of a module."})
     block_pattern: dict[str, list[list[int]]] = field(
         default_factory=dict,
         metadata={"help": "Module name to [row-block, column-block] pairs; filled by preprocess_smt."},

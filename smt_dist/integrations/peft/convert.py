@@ -45,6 +45,7 @@ def from_smt_adapter(
         target_modules=list(smt.target_modules),
         max_attention_fraction=smt.max_attention_fraction,
         max_mlp_fraction=smt.max_mlp_fraction,
+        max_blocks_per_row=smt.max_blocks_per_row,
         block_pattern={name: tensors[f"{name}.block_index"].tolist() for name in sorted(meta["modules"])},
         base_fingerprint=meta["base_fingerprint"],
         base_model_name_or_path=base_model,

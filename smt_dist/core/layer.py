@@ -217,8 +217,8 @@ class SparseLinear(nn.Module):
         self.blocks = nn.Parameter(
             torch.zeros(len(index), self.block_size, self.block_size, device=device, dtype=blocks_dtype)
         )
-        self._register_derived_index()
-        self.register_load_state_dict_post_hook(lambda module, _: module._register_derived_index())
+        register_derived_index(self)
+        self.register_load_state_dict_post_hook(lambda module, _: register_derived_index(module))
         self.save_input = False
         """Keep the whole input for backward, by reference, instead of a copy of the column-blocks
         the blocks read. Modules that read one input (q, k, v) then keep it once between them;
@@ -230,9 +230,6 @@ class SparseLinear(nn.Module):
         partitioned parameters itself walks them, not this hook)."""
         self.register_state_dict_post_hook(_merge_weight_on_save)
         self.register_load_state_dict_pre_hook(_unmerge_weight_on_load)
-
-    def _register_derived_index(self) -> None:
-        register_derived_index(self)
 
     @staticmethod
     def check_index(

@@ -261,15 +261,19 @@ def _check_base(model: nn.Module, fingerprint: dict[str, Any], path: str | os.Pa
     check_fingerprint(fingerprint, base_fingerprint(model, names), path)
 
 
-def check_fingerprint(expected: dict[str, Any], found: dict[str, Any], path: str | os.PathLike) -> None:
+def check_fingerprint(
+    expected: dict[str, Any], found: dict[str, Any], path: str | os.PathLike, *, adapter: str | None = None
+) -> None:
     """Raise ``ValueError`` unless a base's fingerprint matches the one the adapter recorded.
 
     Samples are compared exactly after rounding both sides to the coarser dtype of the two.
+    ``adapter`` names the adapter in the message (default: "The adapter at <path>").
     """
+    who = adapter or f"The adapter at {path}"
     for name in sorted(expected):
         if found[name]["shape"] != expected[name]["shape"]:
             raise ValueError(
-                f"The adapter at {path} was trained on another base: '{name}' is "
+                f"{who} was trained on another base: '{name}' is "
                 f"{tuple(found[name]['shape'])} here but {tuple(expected[name]['shape'])} in the adapter."
             )
         dtypes = [FLOAT_DTYPES[entry.get("dtype", "float32")] for entry in (expected[name], found[name])]
@@ -280,8 +284,7 @@ def check_fingerprint(expected: dict[str, Any], found: dict[str, Any], path: str
         )
         if len(a) != len(b) or not torch.equal(a, b):
             raise ValueError(
-                f"The adapter at {path} was trained on another base: the weights of '{name}' do "
-                "not match its fingerprint."
+                f"{who} was trained on another base: the weights of '{name}' do not match its fingerprint."
             )
 
 

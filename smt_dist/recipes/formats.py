@@ -142,14 +142,14 @@ def tokenize_record(
 ) -> tuple[list[int], list[int]]:
     """Token ids and labels (``-100`` where no loss) of one checked record, not yet truncated."""
     eos = tokenizer.eos_token_id
-    if dataset_format == "alpaca":
-        prompt = tokenizer(format_prompt(record), add_special_tokens=True)["input_ids"]
-        response = tokenizer(record["output"], add_special_tokens=False)["input_ids"]
+    if dataset_format in ("alpaca", "prompt_completion"):  # the loss on what follows the prompt
+        alpaca = dataset_format == "alpaca"
+        prompt_text = format_prompt(record) if alpaca else record["prompt"]
+        prompt = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
+        response = tokenizer(record["output" if alpaca else "completion"], add_special_tokens=False)[
+            "input_ids"
+        ]
         return prompt + response + [eos], [IGNORE_INDEX] * len(prompt) + response + [eos]
-    if dataset_format == "prompt_completion":
-        prompt = tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
-        completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
-        return prompt + completion + [eos], [IGNORE_INDEX] * len(prompt) + completion + [eos]
     if dataset_format == "text":
         ids = tokenizer(record["text"], add_special_tokens=True)["input_ids"] + [eos]
         return ids, list(ids)

@@ -332,3 +332,13 @@ def test_an_untested_peft_version_is_refused_in_one_sentence(monkeypatch):
         ImportError, match=r"peft 0\.30\.1 does not have as expected; install 'peft>=0\.21,<0\.22'"
     ):
         smt_peft._register()
+
+
+def test_add_adapter_checks_the_base_too():
+    base = tiny_causal_lm()
+    options = dict(block_size=16, warmup_steps=2, target_modules=["q_proj", "v_proj"])
+    first = preprocess_smt(base, SMTPeftConfig(num_blocks=3, **options), lm_batches(2))
+    other = preprocess_smt(tiny_causal_lm(seed=5), SMTPeftConfig(num_blocks=3, **options), lm_batches(2))
+    model = get_peft_model(base, first)
+    with pytest.raises(ValueError, match=r"This SMT adapter \(made for .*\) was trained on another base"):
+        model.add_adapter("other", other)

@@ -29,28 +29,32 @@ class SMTTuner(BaseTuner):
     target_module_mapping: ClassVar[dict[str, list[str]]] = {}  # SMT's targets come from the warm-up
 
     def _prepare_adapter_config(self, peft_config: SMTPeftConfig, model_config: dict) -> SMTPeftConfig:
+        """Before any layer changes, on every path that adds an adapter (``get_peft_model``,
+        ``from_pretrained``, ``add_adapter``, ``load_adapter``): the config selects blocks, every
+        selected module exists with a grid its blocks fit, and the base is the adapter's."""
         peft_config.selection()  # a sentence when preprocess_smt has not run
+        linears = {
+            name: weight_shape(
+                module.get_base_layer().weight if isinstance(module, SMTLayer) else module.weight
+            )
+            for name, module in self.model.named_modules()
+            if name in peft_config.block_pattern and hasattr(module, "weight")
+        }
+        peft_config.check_shapes(linears)
+        if peft_config.base_fingerprint:
+            names = sorted(peft_config.base_fingerprint)
+            base = peft_config.base_model_name_or_path or "a base not recorded"
+            check_fingerprint(
+                peft_config.base_fingerprint,
+                base_fingerprint(self.model, names),
+                base,
+                adapter=f"This SMT adapter (made for {base})",
+            )
         return peft_config
 
     @staticmethod
     def _check_target_module_exists(peft_config: SMTPeftConfig, key: str) -> bool:
         return key in peft_config.block_pattern
-
-    def _pre_injection_hook(self, model: nn.Module, config: SMTPeftConfig, adapter_name: str) -> None:
-        """Every selected module exists with a grid its blocks fit, and the base is the adapter's."""
-        config.selection()
-        linears = {
-            name: weight_shape(
-                module.get_base_layer().weight if isinstance(module, SMTLayer) else module.weight
-            )
-            for name, module in model.named_modules()
-            if name in config.block_pattern and hasattr(module, "weight")
-        }
-        config.check_shapes(linears)
-        if config.base_fingerprint:
-            names = sorted(config.base_fingerprint)
-            where = f"'{adapter_name}' (base {config.base_model_name_or_path or 'not recorded'})"
-            check_fingerprint(config.base_fingerprint, base_fingerprint(model, names), where)
 
     def _create_and_replace(
         self,

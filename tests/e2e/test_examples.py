@@ -82,11 +82,15 @@ def assert_fine_tuned(saved: Path, adapter: Path) -> None:
 
 
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_trainer(tmp_path, stage):
-    """TrainingArguments(deepspeed=...): under ZeRO-3 transformers loads the model partitioned."""
+@pytest.mark.parametrize("script", ["trainer_smt.py", "trl_sft_smt.py"])
+def test_trainer(tmp_path, script, stage):
+    """TrainingArguments(deepspeed=...): under ZeRO-3 transformers loads the model partitioned.
+
+    ``trl_sft_smt.py`` is TRL's SFTTrainer on ``messages`` with packing and assistant-only loss:
+    the warm-up reads its packed batches."""
     out = tmp_path / "out"
     launch(
-        ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), str(EXAMPLES / "trainer_smt.py"),
+        ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), str(EXAMPLES / script),
          "--deepspeed", f"configs/{stage}_smt.json", "--output_dir", str(out)]
     )  # fmt: skip
     assert_fine_tuned(out / "final", out / "smt_adapter")

@@ -4,6 +4,8 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+LOGGING = ["tensorboard", "wandb", "mlflow-skinny", "sqlalchemy", "alembic"]
+
 setup(
     name="smt_dist",
     version="0.1.0",
@@ -26,7 +28,17 @@ setup(
     extras_require={
         # smt_dist.peft registers SMT in peft's internal tables: only the versions it is tested with.
         "peft": ["peft>=0.21,<0.22", "trl>=1.16,<2", "datasets>=4"],
-        "test": ["pytest>=8", "ruff>=0.6", "peft>=0.21,<0.22", "trl>=1.16,<2", "datasets>=4", "matplotlib"],
+        # --report_to: TensorBoard event files, W&B (offline too), MLflow in a local sqlite database.
+        "logging": LOGGING,
+        "test": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "peft>=0.21,<0.22",
+            "trl>=1.16,<2",
+            "datasets>=4",
+            "matplotlib",
+            *LOGGING,
+        ],
         "bench": ["peft>=0.21,<0.22", "matplotlib"],
     },
 )

@@ -109,6 +109,10 @@ class Backend(abc.ABC):
     def learning_rate(self) -> float:
         """The current learning rate."""
 
+    def grad_norm(self) -> float | None:
+        """The last optimizer step's global gradient norm before clipping (``None``: not computed)."""
+        return None
+
     @abc.abstractmethod
     def save(self, directory: Path) -> None:
         """Write this engine's training state into a checkpoint directory (a collective call)."""

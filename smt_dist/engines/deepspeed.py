@@ -493,6 +493,10 @@ class DeepSpeedBackend(Backend):
     def learning_rate(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    def grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()  # None where the engine computed none
+        return None if norm is None else float(norm)
+
     def save(self, directory: Path) -> None:
         """Engine state without the frozen weights (a collective call)."""
         self.engine.save_checkpoint(str(directory), tag=ENGINE_TAG, exclude_frozen_parameters=True)

@@ -50,6 +50,7 @@ class FsdpBackend(LoopBackend):
     """FSDP2 units per decoder layer; torch AdamW on the sharded (DTensor) blocks."""
 
     name = "fsdp"
+    last_grad_norm: float | None = None  # set by clip()
     loads_in_build = True
 
     def checkpoint_layout(self) -> dict:
@@ -84,7 +85,11 @@ class FsdpBackend(LoopBackend):
 
     def clip(self) -> None:
         if self.args.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.blocks, self.args.max_grad_norm)  # global norm over DTensors
+            norm = torch.nn.utils.clip_grad_norm_(self.blocks, self.args.max_grad_norm)  # over DTensors
+            self.last_grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+
+    def grad_norm(self) -> float | None:
+        return self.last_grad_norm
 
     def _states(self):
         from torch.distributed.checkpoint.state_dict import (

@@ -38,6 +38,9 @@ class TorchBackend(LoopBackend):
         )
         self.start_loop(optimizer, lr_lambda)
 
+    def grad_norm(self) -> float | None:
+        return self.optimizer.last_grad_norm
+
     def save(self, directory: Path) -> None:
         """This rank's optimizer shard (safetensors) and the schedule."""
         state = self.optimizer.state_dict()

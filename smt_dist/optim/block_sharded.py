@@ -78,6 +78,7 @@ class BlockShardedAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.max_grad_norm = max_grad_norm
+        self.last_grad_norm: float | None = None  # the last step's global norm, before clipping
         self.bucket_bytes = int(bucket_size_mb * 2**20)
         self.offload = offload
         self.reduce_dtype = reduce_dtype
@@ -232,7 +233,8 @@ class BlockShardedAdamW(torch.optim.Optimizer):
             square = square.to(self.device)
             dist.all_reduce(square, group=self.group)
             self.bytes_last_step += square.element_size()
-        coefficient = self.max_grad_norm / (square.sqrt().item() + 1e-6)
+        self.last_grad_norm = square.sqrt().item()
+        coefficient = self.max_grad_norm / (self.last_grad_norm + 1e-6)
         if coefficient < 1:
             torch._foreach_mul_(grads, coefficient)
 

@@ -19,6 +19,7 @@ from smt_dist.core.config import SCORES, SMTConfig
 from smt_dist.engines import BACKENDS
 from smt_dist.files.jsonfile import read_json
 from smt_dist.recipes.formats import FORMATS
+from smt_dist.recipes.reporting import parse_report_to
 
 # The embedded defaults, relative to the working directory (a checkout of the repository): an
 # installed package carries no model, and a path inside it would point nowhere.
@@ -94,6 +95,17 @@ class TrainArguments:
         default=None, metadata={"help": "A checkpoint directory, or 'latest' for the newest in output_dir."}
     )
     logging_steps: int = field(default=1, metadata={"help": "Write a log line every this many steps."})
+    report_to: str = field(
+        default="none",
+        metadata={
+            "help": "none, or a comma-separated list of tensorboard, wandb, mlflow (all work offline; "
+            "train_log.jsonl is always written)."
+        },
+    )
+    run_name: str | None = field(
+        default=None,
+        metadata={"help": "The run's name in TensorBoard, W&B and MLflow (default: a timestamp)."},
+    )
     val_set_size: int = field(
         default=0,
         metadata={"help": "Hold this many training records out (seeded) and report their loss."},
@@ -191,6 +203,7 @@ class TrainArguments:
             self.backend = _auto_backend(self)
         if (self.backend == "deepspeed") != bool(self.deepspeed):
             raise ValueError("--backend deepspeed and --deepspeed CONFIG go together; give both or neither.")
+        parse_report_to(self.report_to)  # each tool named and installed
         self.smt_config()  # raises ValueError naming the field for a bad SMT option
 
     def smt_config(self) -> SMTConfig:

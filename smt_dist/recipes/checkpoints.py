@@ -64,6 +64,8 @@ RESUMABLE_CHANGES = (
     "save_steps",
     "save_total_limit",
     "logging_steps",
+    "report_to",
+    "run_name",
     "eval_steps",
     "merge",
     "disable_tqdm",

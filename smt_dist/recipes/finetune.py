@@ -76,6 +76,7 @@ from smt_dist.recipes.data import (
 from smt_dist.recipes.failures import USER_ERRORS, claim_report, peer_failed, reported_writes
 from smt_dist.recipes.logs import JsonlLog, get_logger, make_progress
 from smt_dist.recipes.memory import PhaseMemory
+from smt_dist.recipes.reporting import Reporters, parse_report_to
 from smt_dist.recipes.schedule import lr_lambda
 
 RUN_MARKERS = ("train_log.jsonl", "adapter", "selection.json")
@@ -166,6 +167,7 @@ class SMTRecipe:
                     f"{self.resume}: its adapter does not hold the blocks its trainer state names."
                 )
         self.memory = PhaseMemory(enabled=args.report_memory)
+        self.reporters: Reporters | None = None
 
     def _check_model(self, model: torch.nn.Module) -> BlockSelection | None:
         """Check the model directory, targets, block size and budget on a weightless copy of the model.
@@ -274,6 +276,7 @@ class SMTRecipe:
             if loaded_here and self.scores is None:
                 self.check_finite_base()
             self.fingerprint = base_fingerprint(self.backend.module, sorted(self.selection.blocks))
+            frozen = count_parameters(self.backend.module) - self.selection.num_parameters
         check_ranks_agree({"the base weights (fingerprint)": repr(self.fingerprint)})
         self.start_step = 0
         if self.resume:
@@ -288,11 +291,16 @@ class SMTRecipe:
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             if not self.resume:
-                total = count_parameters(self.backend.module) - self.selection.num_parameters
                 if self.run_files != self.output_dir:  # left by an overwriting run that failed
                     shutil.rmtree(self.run_files, ignore_errors=True)
                     self.run_files.mkdir()
-                write_selection(self.run_files, self.selection, self.scores, self.smt_config, total)
+                write_selection(self.run_files, self.selection, self.scores, self.smt_config, frozen)
+        trainable = self.selection.num_parameters
+        self.run_summary = {
+            "trainable_parameters": trainable,
+            "trainable_percent": 100 * trainable / (trainable + frozen),
+            "selection": self.selection.summary(self.smt_config),
+        }
 
     # ---- 5. train --------------------------------------------------------------------------------
 
@@ -301,6 +309,7 @@ class SMTRecipe:
         self.train_log = JsonlLog(
             self.run_files / "train_log.jsonl", resume_step=self.start_step if self.resume else None
         )
+        self.open_reporters()
         stream = self.order.stream(self.start_step * args.gradient_accumulation_steps)
         progress = make_progress(
             self.total_steps, self.start_step, disabled=args.disable_tqdm or self.rank != 0
@@ -318,7 +327,10 @@ class SMTRecipe:
                     backend.step()
                     losses.append(loss.detach().float())
                     tokens += sum(len(self.examples[i]["input_ids"]) for i in indices)  # no padding
-                stats = torch.tensor([torch.stack(losses).mean().item(), float(tokens)], dtype=torch.float64)
+                # summed over ranks: the mean loss, all tokens, and each rank's memory in its slot
+                stats = torch.zeros(2 + self.world, dtype=torch.float64)
+                stats[0], stats[1] = torch.stack(losses).mean().item(), float(tokens)
+                stats[2 + self.rank] = self.memory.current_peak_mib()
                 stats = stats.to(backend.device)
                 torch.distributed.all_reduce(stats)
                 stats = stats.cpu()
@@ -329,6 +341,9 @@ class SMTRecipe:
                 "learning_rate": backend.learning_rate(),
                 "tokens_per_second": stats[1].item() / (time.perf_counter() - began),
             }
+            if (norm := backend.grad_norm()) is not None:
+                record["grad_norm"] = norm
+            record["memory_mib"] = [round(v, 1) for v in stats[2:].tolist()]
             if not math.isfinite(record["loss"]):
                 raise ValueError(
                     f"The loss became {record['loss']} at step {step}; lower --learning_rate or check the data."
@@ -339,6 +354,7 @@ class SMTRecipe:
                 postfix["eval_loss"] = f"{record['eval_loss']:.4f}"
             if step % args.logging_steps == 0 or last or "eval_loss" in record:
                 self.train_log.write(record)
+                self.reporters.log(_metrics(record), step)
             progress.update(1)
             postfix.update(
                 loss=f"{record['loss']:.4f}",
@@ -354,6 +370,7 @@ class SMTRecipe:
                         "selection_digest": self.selection.digest(),
                         "args": args.to_dict(),
                         "run": {"data": self.data_digest, **self.layout},
+                        "reporting": self.reporters.identity,
                     }
                     save_checkpoint(
                         backend,
@@ -366,6 +383,24 @@ class SMTRecipe:
                     )
                     self.take_over()
         progress.close()
+        self.reporters.close()
+
+    def open_reporters(self) -> None:
+        """The tools of --report_to, on rank 0; a resumed run reports into the runs it continues."""
+        identity = self.resume_state.get("reporting") if self.resume else None
+        identity = identity if isinstance(identity, dict) else {}
+        run_name = self.args.run_name or identity.get("run_name") or time.strftime("%b%d_%H-%M-%S")
+        self.reporters = Reporters(
+            parse_report_to(self.args.report_to),
+            output_dir=self.output_dir,
+            run_name=run_name,
+            config=self.args.to_dict(),
+            resume_step=self.start_step if self.resume else None,
+            identity={k: str(v) for k, v in identity.items() if k != "run_name"},
+            enabled=self.rank == 0,
+        )
+        if not self.resume:
+            self.reporters.summary(self.run_summary)
 
     def validate(self) -> float:
         """Mean loss per label token over the validation examples; every rank takes a slice.
@@ -443,8 +478,24 @@ class SMTRecipe:
 
     def cleanup(self) -> None:
         self.memory.close()
+        if self.reporters is not None:
+            self.reporters.close()
         if self.run_files != self.output_dir and rank() == 0:  # failed before it could take over
             shutil.rmtree(self.run_files, ignore_errors=True)
+
+
+def _metrics(record: dict) -> dict[str, float]:
+    """A training-log record as the scalars TensorBoard, W&B and MLflow plot."""
+    metrics = {
+        f"train/{k}": record[k]
+        for k in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "epoch")
+        if k in record
+    }
+    if "eval_loss" in record:
+        metrics["eval/loss"] = record["eval_loss"]
+    for index, mib in enumerate(record["memory_mib"]):
+        metrics[f"memory/rank{index}_mib"] = mib
+    return metrics
 
 
 if __name__ == "__main__":

@@ -88,6 +88,18 @@ class PhaseMemory:
             torch.cuda.reset_peak_memory_stats()
         self._record(rss_anon_bytes())
 
+    def current_peak_mib(self) -> float:
+        """This rank's peak MiB in the current phase so far, for the training log.
+
+        On a GPU the CUDA peak; on the CPU the sampled anonymous-RSS peak, or the anonymous RSS
+        now when sampling is off (``--report_memory`` not given).
+        """
+        if self._cuda:
+            return torch.cuda.max_memory_allocated() / 2**20
+        with self._lock:
+            sampled = self.peaks.get(self._current, {}).get("host_mib") if self.enabled else None
+        return sampled if sampled is not None else rss_anon_bytes() / 2**20
+
     def report(self) -> dict[str, dict[str, float]]:
         """Peak MiB per phase: ``host_mib`` (anonymous RSS) and, on a GPU, ``cuda_mib``."""
         with self._lock:

@@ -217,6 +217,12 @@ CASES = {
         ],
         r"--weight_decay and --max_grad_norm must be >= 0",
     ),
+    "unknown report_to": (
+        lambda run, tmp: [
+            ["--output_dir", str(run), *FAST, "--overwrite_output_dir", "--report_to", "tensorboard,comet"]
+        ],
+        r"--report_to must be none or a comma-separated list of tensorboard, wandb, mlflow, got 'tensorboard,comet'",
+    ),
     "NaN learning rate": (
         lambda run, tmp: [
             ["--output_dir", str(run), *FAST, "--overwrite_output_dir", "--learning_rate", "nan"]

@@ -18,6 +18,23 @@ from smt_dist.recipes.schedule import lr_lambda
 # ---- arguments -------------------------------------------------------------------------------
 
 
+def test_report_to_names_installed_tools_and_wandb_needs_a_way_to_start(monkeypatch, tmp_path):
+    from smt_dist.recipes import reporting
+
+    assert reporting.parse_report_to("none") == ()
+    assert reporting.parse_report_to("tensorboard, mlflow,tensorboard") == ("tensorboard", "mlflow")
+    monkeypatch.setitem(reporting.REPORTERS, "mlflow", ("no_such_module_here", "mlflow"))
+    with pytest.raises(ValueError, match=r"--report_to mlflow needs the mlflow package: pip install mlflow"):
+        reporting.parse_report_to("mlflow")
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))  # none there
+    with pytest.raises(ValueError, match=r"--report_to wandb needs a login .* or WANDB_MODE=offline"):
+        parse_args(["--report_to", "wandb"])
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert parse_args(["--report_to", "wandb"]).report_to == "wandb"
+
+
 def test_a_config_file_is_parsed_like_the_command_line_and_loses_to_it(tmp_path):
     options = tmp_path / "o.yaml"
     options.write_text("learning_rate: 0.25\nseed: 3\nmerge: true\nsmt_block_size: 32\n")

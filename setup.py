@@ -22,6 +22,7 @@ setup(
         "transformers>=4.45",
         "accelerate>=1.0",
         "safetensors>=0.4",
+        "datasets>=4",  # data files and hub datasets, the tokenised cache
         "mpi4py>=3.1",
         "mpich; sys_platform == 'linux'",
     ],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import (
@@ -12,6 +14,11 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+
+# No hub here: a hub name fails at once instead of retrying for half a minute (the jobs the
+# tests launch inherit this).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 VOCAB = 96
 # GQA on purpose: k/v projections are narrower than q, as in Llama 3, Mistral and Qwen2.

@@ -40,7 +40,17 @@ class TrainArguments:
     )
     data_path: str | None = field(
         default=None,
-        metadata={"help": "A .json, .jsonl, .parquet or .csv data file. Default: the embedded dataset."},
+        metadata={
+            "help": "A .json, .jsonl, .parquet or .csv file, a directory of them, or a hub dataset name. "
+            "Default: the embedded dataset."
+        },
+    )
+    dataset_split: str = field(
+        default="train", metadata={"help": "The split to read when --data_path is a hub dataset name."}
+    )
+    dataset_num_proc: int | None = field(
+        default=None,
+        metadata={"help": "Processes that tokenise (once per node; the result is cached and shared)."},
     )
     dataset_format: str = field(
         default="auto",
@@ -179,6 +189,8 @@ class TrainArguments:
             raise ValueError(
                 f"--weight_decay and --max_grad_norm must be >= 0, got {self.weight_decay} and {self.max_grad_norm}."
             )
+        if self.dataset_num_proc is not None and self.dataset_num_proc < 1:
+            raise ValueError(f"--dataset_num_proc must be at least 1, got {self.dataset_num_proc}.")
         if self.warmup_steps < 0:
             raise ValueError(f"--warmup_steps must be >= 0, got {self.warmup_steps}.")
         if self.dataset_format not in ("auto", *FORMATS):

@@ -65,6 +65,7 @@ RESUMABLE_CHANGES = (
     "save_total_limit",
     "logging_steps",
     "report_to",
+    "dataset_num_proc",
     "run_name",
     "eval_steps",
     "merge",

@@ -11,6 +11,7 @@ run can skip exactly the micro-batches it has already seen.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,8 @@ from smt_dist.recipes.formats import (  # noqa: F401  # format_prompt: the Alpac
     checked_record,
     detect_format,
     format_prompt,
-    tokenize_record,
 )
+from smt_dist.recipes.tokenized import tokenize_one
 
 
 def read_records(path: str | Path) -> list[dict[str, str]]:
@@ -33,29 +34,87 @@ def read_records(path: str | Path) -> list[dict[str, str]]:
     return read_dataset(path, "alpaca")[0]
 
 
-def read_dataset(path: str | Path, dataset_format: str = "auto") -> tuple[list[dict[str, Any]], str]:
-    """Read a data file (``.json`` array, ``.jsonl``, ``.parquet`` or ``.csv``) and its format.
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 
+
+def read_dataset(
+    path: str | Path, dataset_format: str = "auto", *, split: str = "train"
+) -> tuple[list[dict[str, Any]], str]:
+    """Read records and their format from a data file, a directory of them, or the hub.
+
+    A file is a ``.json`` array, ``.jsonl``, ``.parquet`` or ``.csv``; a directory's data files
+    are read in name order, as one dataset; a path that does not exist but reads as a hub name
+    (``owner/name``) is loaded with ``datasets.load_dataset(name, split=split)``.
     ``dataset_format`` ``auto`` reads the layout from the first record; every record is then
     checked against it (``smt_dist.recipes.formats``). Raises ``FileNotFoundError`` for a missing
     file and ``ValueError`` naming the file and line (or row) of the first malformed record, or
-    saying the file holds no records.
+    saying the data holds no records.
     """
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(
-            f"Data file {path} is a directory; give a .json, .jsonl, .parquet or .csv file."
-        )
-    if not path.is_file():
+        files = data_files(path)
+        located = [(f"{file}:{where}", item) for file in files for where, item in _located(file)]
+    elif path.is_file():
+        located = [(f"{path}:{where}", item) for where, item in _located(path)]
+    elif _hub_name(path):
+        located = _hub_rows(str(path), split)
+    else:
         raise FileNotFoundError(f"Data file {path} does not exist.")
-    located = _table_rows(path) if path.suffix in (".parquet", ".csv") else _json_items(path)
     if not located:
         raise ValueError(f"{path} holds no records.")
     if dataset_format == "auto":
-        dataset_format = detect_format(located[0][1], f"{path}:{located[0][0]}")
-    return [
-        checked_record(item, dataset_format, f"{path}:{where}") for where, item in located
-    ], dataset_format
+        dataset_format = detect_format(located[0][1], located[0][0])
+    return [checked_record(item, dataset_format, where) for where, item in located], dataset_format
+
+
+def data_files(directory: Path) -> list[Path]:
+    """A data directory's files, in name order; all of one kind, so one layout can hold."""
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES)
+    if not files:
+        raise ValueError(f"{directory} holds no {', '.join(DATA_SUFFIXES)} files.")
+    kinds = {".jsonl" if p.suffix == ".json" else p.suffix for p in files}
+    if len(kinds) > 1:
+        raise ValueError(f"{directory} mixes {', '.join(sorted(kinds))} files; keep one kind per directory.")
+    return files
+
+
+def data_digest(path: str | Path, records: list[dict[str, Any]]) -> str:
+    """What identifies the training data, by content: a local file's bytes (a directory's files'
+    names and bytes), else the records themselves (a hub dataset)."""
+    path, digest = Path(path), hashlib.sha256()
+    if path.is_file():
+        digest.update(path.read_bytes())
+    elif path.is_dir():
+        for file in data_files(path):
+            content = file.read_bytes()
+            digest.update(f"{file.name}\0{len(content)}\0".encode() + content)
+    else:
+        digest.update(json.dumps(records, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def _located(path: Path) -> list[tuple[Any, Any]]:
+    if path.suffix not in DATA_SUFFIXES:
+        raise ValueError(f"Data file {path} is not a {', '.join(DATA_SUFFIXES)} file.")
+    return _table_rows(path) if path.suffix in (".parquet", ".csv") else _json_items(path)
+
+
+def _hub_name(path: Path) -> bool:
+    return len(path.parts) == 2 and not str(path).startswith((".", "/")) and not path.suffix
+
+
+def _hub_rows(name: str, split: str) -> list[tuple[str, Any]]:
+    import datasets
+
+    try:
+        table = datasets.load_dataset(name, split=split)
+    except Exception as err:  # the hub client raises many types: offline, missing, no such split
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"--data_path {name} is no local file or directory, and the hub does not give its "
+            f"{split!r} split here ({reason})."
+        ) from err
+    return [(f"{name}[{split}] row {i}", row) for i, row in enumerate(table, start=1)]
 
 
 def _json_items(path: Path) -> list[tuple[int, Any]]:
@@ -135,48 +194,22 @@ def tokenize_records(
     dataset_format: str = "alpaca",
     assistant_only_loss: bool = True,
 ) -> tuple[list[dict[str, list[int]]], int]:
-    """Token ids and labels per checked record (``read_dataset``), truncated to ``max_seq_length``.
+    """Token ids and labels per checked record (``read_dataset``), truncated to ``max_seq_length``,
+    in this process (the job uses the cached ``smt_dist.recipes.tokenized.tokenized_dataset``).
 
     Returns the examples and how many records were dropped because truncation left them no token
     with a loss (a prompt alone filling ``max_seq_length``).
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer has no eos token; the response needs one to end.")
-    examples, dropped = [], 0
-    for i, record in enumerate(records):
-        ids, labels = tokenize_record(
-            record,
-            dataset_format,
-            tokenizer,
-            assistant_only_loss=assistant_only_loss,
-            where=f"record {i + 1}",
-        )
-        ids, labels = ids[:max_seq_length], labels[:max_seq_length]
-        if all(label == IGNORE_INDEX for label in labels):
-            dropped += 1
-            continue
-        examples.append({"input_ids": ids, "labels": labels})
+    options = (dataset_format, max_seq_length, assistant_only_loss)
+    tokenized = [tokenize_one(record, i, tokenizer, *options) for i, record in enumerate(records)]
+    examples = [example for example in tokenized if example is not None]
     if not examples:
         raise ValueError(
             f"Every record's prompt fills max_seq_length={max_seq_length}; nothing is left to learn."
         )
-    return examples, dropped
-
-
-def hold_out(examples: list[dict], size: int, *, seed: int) -> tuple[list[dict], list[dict]]:
-    """Split off ``size`` examples, chosen by a seeded permutation, as a validation set.
-
-    Returns ``(train, validation)``; both keep the file's order.
-    """
-    if not 0 < size < len(examples):
-        raise ValueError(
-            f"--val_set_size {size} must be between 1 and the {len(examples)} usable training records minus one."
-        )
-    held = set(torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))[:size].tolist())
-    return (
-        [e for i, e in enumerate(examples) if i not in held],
-        [e for i, e in enumerate(examples) if i in held],
-    )
+    return examples, len(records) - len(examples)
 
 
 def pack_examples(examples: list[dict[str, list[int]]], *, max_seq_length: int) -> list[dict[str, list[int]]]:

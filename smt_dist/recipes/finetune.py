@@ -29,13 +29,13 @@ its adapter (till then the new run's log and selection wait in ``.new-run/``).
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -66,18 +66,18 @@ from smt_dist.recipes.checkpoints import (
 from smt_dist.recipes.data import (
     BatchOrder,
     collate,
-    hold_out,
+    data_digest,
     load_tokenizer,
     pack_examples,
     read_chat_template,
     read_dataset,
-    tokenize_records,
 )
 from smt_dist.recipes.failures import USER_ERRORS, claim_report, peer_failed, reported_writes
 from smt_dist.recipes.logs import JsonlLog, get_logger, make_progress
 from smt_dist.recipes.memory import PhaseMemory
 from smt_dist.recipes.reporting import Reporters, parse_report_to
 from smt_dist.recipes.schedule import lr_lambda
+from smt_dist.recipes.tokenized import hold_out, tokenized_dataset
 
 RUN_MARKERS = ("train_log.jsonl", "adapter", "selection.json")
 NEW_RUN = ".new-run"  # an overwriting run's own files, until it has proven itself
@@ -136,21 +136,23 @@ class SMTRecipe:
         check_vocabulary(args.model_dir, self.tokenizer, meta_model)
         if args.chat_template:
             self.tokenizer.chat_template = read_chat_template(args.chat_template)
-        records, data_format = read_dataset(args.data_file, args.dataset_format)
-        self.data_digest = hashlib.sha256(args.data_file.read_bytes()).hexdigest()[:16]
+        records, data_format = read_dataset(args.data_file, args.dataset_format, split=args.dataset_split)
+        self.data_digest = data_digest(args.data_file, records)
         tokenize = functools.partial(
-            tokenize_records,
+            tokenized_dataset,
             tokenizer=self.tokenizer,
             max_seq_length=args.max_seq_length,
             dataset_format=data_format,
             assistant_only_loss=args.assistant_only_loss,
+            num_proc=args.dataset_num_proc,
         )
-        self.examples, self.dropped = tokenize(records)
-        self.val_examples: list[dict] = []
+        self.examples, self.dropped = tokenize(records, source=str(args.data_file))  # once per node
+        self.val_examples: Any = []
         if args.val_set_size:
             self.examples, self.val_examples = hold_out(self.examples, args.val_set_size, seed=args.seed)
         elif args.eval_data_path:
-            self.val_examples, _ = tokenize(read_dataset(args.eval_data_path, data_format)[0])
+            eval_records = read_dataset(args.eval_data_path, data_format)[0]
+            self.val_examples, _ = tokenize(eval_records, source=args.eval_data_path)
         if args.packing:  # after the hold-out: validation examples are scored one by one
             self.examples = pack_examples(self.examples, max_seq_length=args.max_seq_length)
         self.given_selection = self._check_model(meta_model)
@@ -417,7 +419,7 @@ class SMTRecipe:
         with torch.no_grad():
             for first in range(0, forwards * size, size):
                 part = mine[first : first + size]
-                rows = [self.val_examples[i] for i in part] or self.val_examples[:1]
+                rows = [self.val_examples[i] for i in part] or [self.val_examples[0]]
                 batch = collate(rows, pad_token_id=self.tokenizer.pad_token_id)
                 loss = self.backend.loss({k: v.to(self.backend.device) for k, v in batch.items()})
                 tokens = float((batch["labels"][:, 1:] != -100).sum()) if part else 0.0

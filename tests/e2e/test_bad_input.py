@@ -391,9 +391,13 @@ CASES = {
         ],
         r"has 1168 tokens but the model's embedding \(config.json vocab_size\) has 1000 rows",
     ),
-    "a data path that is a directory": (
+    "a data directory without data files": (
         lambda run, tmp: [["--output_dir", str(tmp / "o"), *FAST, "--data_path", str(tmp)]],
-        r"is a directory; give a .json, .jsonl, .parquet or .csv file",
+        r"holds no .json, .jsonl, .parquet, .csv files",
+    ),
+    "a hub dataset the hub does not give": (
+        lambda run, tmp: [["--output_dir", str(tmp / "o"), *FAST, "--data_path", "nobody/nothing"]],
+        r"--data_path nobody/nothing is no local file or directory, and the hub does not give its 'train' split",
     ),
     "only rank 1's data file missing": (
         lambda run, tmp: [

@@ -151,10 +151,13 @@ def test_other_stages_and_launchers_match_zero2(reference, tmp_path, launcher, c
     output_dir = run_job(launcher, tmp_path / "out", config)
     torch.testing.assert_close(torch.tensor(losses(output_dir)), torch.tensor(losses(reference)), **PARITY)
     # Each engine computes the logged norm its own way (ZeRO's partitions, BlockShardedAdamW's
-    # owned blocks, FSDP's DTensors) over the same gradients: equal to the reference as the losses
-    # are (2.3e-7 relative at step 1, measured), within 1e-3 as the weights drift; a norm of
-    # unaveraged or unscaled gradients would be off by the world size.
-    torch.testing.assert_close(grad_norms(output_dir), grad_norms(reference), rtol=1e-3, atol=0)
+    # owned blocks, FSDP's DTensors). At step 1 the weights are the same: equal but for summation
+    # order (2.3e-7 relative, measured). Later the weights drift as the losses do, and a gradient
+    # amplifies that drift (1.5e-3 relative at worst, ZeRO-3 at step 10): 1e-2. A norm of
+    # unaveraged or unscaled gradients would be off by the world size, 2x.
+    norms, expected_norms = grad_norms(output_dir), grad_norms(reference)
+    torch.testing.assert_close(norms[0], expected_norms[0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(norms, expected_norms, rtol=1e-2, atol=0)
     expected = adapter_tensors(reference)
     for key, value in adapter_tensors(output_dir).items():
         torch.testing.assert_close(value, expected[key], **BLOCK_PARITY)
@@ -191,14 +194,18 @@ def test_validation_loss_equals_one_process_on_the_held_out_records(tmp_path, la
     from paths import DATA as DEFAULT_DATA
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from smt_dist.recipes.data import collate, hold_out, read_records, tokenize_records
+    from smt_dist.recipes.data import collate, read_records
+    from smt_dist.recipes.tokenized import hold_out, tokenized_dataset
 
     output_dir = run_job(launcher, tmp_path / "out", config, "--val_set_size", "20", "--eval_steps", "5")
     records = [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval_loss" in r] == [5, 10, 12]
     tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
-    examples, _ = tokenize_records(read_records(DEFAULT_DATA), tokenizer, max_seq_length=128)
+    examples, _ = tokenized_dataset(
+        read_records(DEFAULT_DATA), tokenizer, max_seq_length=128, dataset_format="alpaca"
+    )
     _, held = hold_out(examples, 20, seed=7)  # COMMON's --seed 7
+    held = list(held)
     model = load_smt_adapter(AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL), output_dir / "adapter")
     total = tokens = 0.0
     with torch.no_grad():
@@ -354,7 +361,7 @@ BAD_INPUTS = {
                 "{% generation %}{{ raise_exception('no system turns here') }}{% endgeneration %}",
             ),
         ],
-        r"record 1: the chat template fails on this conversation \(no system turns here\)",
+        r"chat.jsonl: record 1: the chat template fails on this conversation \(no system turns here\)",
     ),
     "chat template that is not jinja": (
         lambda d: [

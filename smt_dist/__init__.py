@@ -12,7 +12,7 @@ and ``recipes`` (the jobs).
 from smt_dist.core.config import SMTConfig
 from smt_dist.core.layer import SparseLinear
 from smt_dist.core.selection import BlockSelection, select_blocks
-from smt_dist.core.surgery import apply_smt, count_parameters, find_targets
+from smt_dist.core.surgery import apply_smt, count_parameters, find_targets, no_backward_below_blocks
 from smt_dist.core.warmup import collect_block_scores
 from smt_dist.files.adapter import load_smt_adapter, save_smt_adapter
 from smt_dist.integrations.merge_on_save import merge_smt
@@ -33,6 +33,7 @@ __all__ = [
     "find_targets",
     "load_smt_adapter",
     "merge_smt",
+    "no_backward_below_blocks",
     "save_smt_adapter",
     "select_blocks",
 ]

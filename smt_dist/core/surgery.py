@@ -130,6 +130,32 @@ def share_inputs(model: nn.Module, config: SMTConfig) -> None:
             module.save_input = keep_input
 
 
+def no_backward_below_blocks(model: nn.Module) -> bool:
+    """Undo transformers' input-gradient hook, so backward stops at the lowest selected block.
+
+    Since transformers 5, ``gradient_checkpointing_enable`` (and the Trainer's
+    ``activation_checkpointing``) makes the embeddings' output require grad for every ``input_ids``
+    model, for reentrant checkpointing and peft. SMT's blocks need none of it: with it, autograd
+    runs the input-gradient backward of every decoder layer, those below the lowest selected block
+    too. Non-reentrant checkpointing (transformers' default) gets the blocks' gradients without it,
+    so the hook is removed; reentrant checkpointing needs it and keeps it. Returns whether a hook
+    was removed.
+    """
+    hooks = getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None)
+    if not hooks or any(_reentrant(module) for module in model.modules()):
+        return False
+    model.disable_input_require_grads()
+    return True
+
+
+def _reentrant(module: nn.Module) -> bool:
+    """Whether a module checkpoints with ``use_reentrant=True`` (transformers' partial of checkpoint)."""
+    if not getattr(module, "gradient_checkpointing", False):
+        return False
+    function = getattr(module, "_gradient_checkpointing_func", None)
+    return getattr(function, "keywords", {}).get("use_reentrant", True) is not False
+
+
 def merge_smt(
     model: nn.Module, *, full_value: Callable[[torch.Tensor], torch.Tensor | None] | None = None
 ) -> nn.Module:

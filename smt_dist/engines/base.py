@@ -25,6 +25,7 @@ from torch import nn
 
 from smt_dist.core.config import SMTConfig
 from smt_dist.core.selection import BlockSelection
+from smt_dist.core.surgery import no_backward_below_blocks
 from smt_dist.files.atomic import write_json
 from smt_dist.files.state import read_checkpoint_json
 
@@ -132,6 +133,7 @@ class Backend(abc.ABC):
         if self.args.gradient_checkpointing:
             # Non-reentrant: layers below the lowest selected block then need no backward at all.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            no_backward_below_blocks(model)  # transformers would make every layer run a backward
         return model
 
 

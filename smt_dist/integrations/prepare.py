@@ -21,7 +21,7 @@ from torch import nn
 
 from smt_dist.core.config import SMTConfig
 from smt_dist.core.selection import BlockSelection, select_blocks
-from smt_dist.core.surgery import apply_smt, count_parameters
+from smt_dist.core.surgery import apply_smt, count_parameters, no_backward_below_blocks
 from smt_dist.core.warmup import LossFn, collect_block_scores
 from smt_dist.distributed import check_ranks_agree, sum_across_ranks
 from smt_dist.files.jsonfile import read_json
@@ -74,11 +74,13 @@ def prepare(
     from it later sees the same sizes. ``merge_on_save`` keeps a pipeline's own saving right: the model's ``state_dict()`` and
     ``save_pretrained`` then write each trained weight as ``W + D`` under its usual name, which
     ``from_pretrained`` loads as the fine-tuned model (see ``smt_dist.integrations.merge_on_save``).
+    Backward stops at the lowest selected block (``no_backward_below_blocks``).
     """
     from smt_dist.integrations.merge_on_save import save_merged
 
     selection = warm_up_and_choose(model, warmup_batches, smt_config, config=config, loss_fn=loss_fn)
     apply_smt(model, selection, smt_config)
+    no_backward_below_blocks(model)  # where checkpointing was enabled before (the Trainer: its callback)
     if merge_on_save:
         save_merged(model)
     return model

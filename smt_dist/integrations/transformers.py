@@ -21,6 +21,7 @@ import torch
 from transformers import TrainerCallback
 
 from smt_dist.core.config import SMTConfig
+from smt_dist.core.surgery import no_backward_below_blocks
 from smt_dist.files.adapter import save_smt_adapter
 from smt_dist.integrations.prepare import prepare
 
@@ -36,6 +37,10 @@ class SMTCallback(TrainerCallback):
     def __init__(self, model: torch.nn.Module, config: SMTConfig) -> None:
         self.model = model
         self.config = config
+
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        # The Trainer has just enabled checkpointing, and with it transformers' input-gradient hook.
+        no_backward_below_blocks(self.model)
 
     def on_save(self, args, state, control, **kwargs) -> None:
         save_smt_adapter(

@@ -17,6 +17,7 @@ from smt_dist import (
     count_parameters,
     load_smt_adapter,
     merge_smt,
+    no_backward_below_blocks,
     save_smt_adapter,
     select_blocks,
 )
@@ -109,3 +110,39 @@ def test_apply_twice_and_unknown_module_are_clear_errors():
         ValueError, match="names module 'model.layers.9.self_attn.q_proj', which this model lacks"
     ):
         apply_smt(tiny_causal_lm(), bogus, config)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient_checkpointing"])
+def test_layers_below_the_lowest_selected_block_run_no_backward(checkpointing):
+    """Blocks only in layer 2 of 4: backward must stop there. A hook on each decoder layer's
+    output counts the gradients autograd computes for it; layers 0-1 must get none (they would if
+    the embeddings' output required grad, as peft's ``enable_input_require_grads`` makes it)."""
+    from conftest import _SHAPE
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**_SHAPE, "num_hidden_layers": 4}))
+    model.config.use_cache = False
+    config = SMTConfig(block_size=16, num_blocks=1, target_modules="v_proj")
+    apply_smt(model, BlockSelection(16, {"model.layers.2.self_attn.v_proj": torch.tensor([[0, 1]])}), config)
+    if checkpointing:  # non-reentrant, transformers' default; it also adds an input-gradient hook
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        assert no_backward_below_blocks(model)
+    model.train()
+    reached: list[int] = []
+
+    def count(index):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if hidden.requires_grad:
+                hidden.register_hook(lambda grad: reached.append(index))
+
+        return hook
+
+    for index, layer in enumerate(model.model.layers):
+        layer.register_forward_hook(count(index))
+    (batch,) = lm_batches(1)
+    model(**batch).loss.backward()
+    assert sorted(reached) == [2, 3]
+    trained = [name for name, p in model.named_parameters() if p.grad is not None]
+    assert trained == ["model.layers.2.self_attn.v_proj.blocks"]

@@ -94,7 +94,8 @@ def build_llama(size: str, device: str = "cpu") -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SIZES[size], max_position_embeddings=2048)).to(device)
+    with torch.device(device):  # initialised where it runs: a 7B model never passes through the CPU
+        model = LlamaForCausalLM(LlamaConfig(**SIZES[size], max_position_embeddings=2048))
     model.config.use_cache = False
     return model
 

@@ -193,3 +193,40 @@ def test_packing_benchmark_packs_and_reports_its_ratio(tmp_path):
     for report in results.values():
         ratio = report["packed"]["tokens_per_second"] / report["padded"]["tokens_per_second"]
         assert report["packed_over_padded_tokens_per_second"] == pytest.approx(ratio, abs=0.01)
+
+
+def test_the_gpu_script_runs_every_step_on_the_cpu_and_its_ratios_hold(tmp_path):
+    """``gpu.sh --dry-run``: the GPU machine's script, every step at tiny sizes on the CPU."""
+    out = tmp_path / "gpu"
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu.sh", str(out), "--dry-run"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "FAILED" not in done.stdout, done.stdout
+    environment = json.loads((out / "environment.json").read_text())
+    assert environment["device"] == "cpu" and environment["torch"]
+    versus = json.loads((out / "versus.json").read_text())
+    for engine in ("zero2", "fsdp"):
+        smt, lora = versus["results"][engine]["smt-1"], versus["results"][engine]["lora-1"]
+        ratio = versus["smt_over_lora"][engine]["smt-1/lora-1"]
+        assert ratio["step_time"] == pytest.approx(smt["median_step_s"] / lora["median_step_s"])
+        assert ratio["trainable"] == pytest.approx(smt["trainable"] / lora["trainable"])
+        assert 0.9 < ratio["trainable"] < 1.1  # LoRA's rank is chosen for SMT's count
+        assert smt["adapter_bytes"] > 0 and smt["warmup_s"] > 0 and lora["warmup_s"] == 0
+    summary = (out / "summary.md").read_text()
+    for heading in ("## compare.py", "## versus.py", "## scale_memory.py"):
+        assert heading in summary, summary
+    assert not (out / "models").exists()
+
+
+def test_the_gpu_script_stops_at_once_without_cuda(tmp_path):
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu.sh", str(tmp_path)], cwd=REPO, capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert "torch sees no CUDA device" in done.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing ran

@@ -54,26 +54,38 @@ def build(args, method: str):
     return step
 
 
-def profile(args) -> dict[str, dict[str, float]]:
-    """Self CPU milliseconds per step by operator name, per method; the methods alternate step by
-    step, each step profiled on its own, so a slow spell of the machine hits both alike."""
+def profile(args) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Self CPU milliseconds and GFLOPs per step by operator name, per method.
+
+    The methods alternate step by step, each step profiled on its own, so a slow spell of the
+    machine hits both alike; FLOPs (of the matrix products, as the profiler counts them) do not
+    depend on the machine at all."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     steps = {method: build(args, method) for method in ("smt", "lora")}
     batches = list(random_batches(args.size, 2 + args.steps, batch=args.batch, seq=args.seq, seed=2))
     totals: dict[str, dict[str, float]] = {method: {} for method in steps}
+    flops: dict[str, dict[str, float]] = {method: {} for method in steps}
     for i, batch in enumerate(batches):
         for method, step in steps.items():
             if i < 2:  # untimed
                 step(batch)
                 continue
-            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            with torch_profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
                 step(batch)
             for event in prof.key_averages():
                 table = totals[method]
                 table[event.key] = table.get(event.key, 0.0) + event.self_cpu_time_total / 1000 / args.steps
-    return {method: dict(sorted(t.items(), key=lambda kv: -kv[1])) for method, t in totals.items()}
+                if event.flops:
+                    flops[method][event.key] = (
+                        flops[method].get(event.key, 0.0) + event.flops / 1e9 / args.steps
+                    )
+
+    def ranked(tables):
+        return {method: dict(sorted(t.items(), key=lambda kv: -kv[1])) for method, t in tables.items()}
+
+    return ranked(totals), ranked(flops)
 
 
 def main() -> None:
@@ -91,8 +103,10 @@ def main() -> None:
     if args.block_size is None:
         args.block_size = 256 if args.size in ("119m", "deep427m", "1b", "7b") else 64
     torch.set_num_threads(args.threads)
-    tables = profile(args)
+    tables, flops = profile(args)
     smt, lora = tables["smt"], tables["lora"]
+    for name in ("smt", "lora"):
+        print(f"{name} GFLOPs per step: " + ", ".join(f"{op} {g:.1f}" for op, g in flops[name].items()))
     for name, table in (("SMT", smt), ("LoRA", lora)):
         print(f"\n{name}: {sum(table.values()):.0f} ms self CPU per step; top operators (ms per step)")
         for op, ms in list(table.items())[: args.top]:
@@ -103,9 +117,8 @@ def main() -> None:
     for op, ms in ranked:
         print(f"  {ms:+8.1f}  {op}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(
-        json.dumps({"args": vars(args) | {"json": str(args.json)}, "smt": smt, "lora": lora}, indent=1)
-    )
+    report = {"args": vars(args) | {"json": str(args.json)}, "smt": smt, "lora": lora, "gflops": flops}
+    args.json.write_text(json.dumps(report, indent=1))
     print(f"wrote {args.json}")
 
 

@@ -26,7 +26,7 @@ from smt_dist.recipes.formats import (  # noqa: F401  # format_prompt: the Alpac
     detect_format,
     format_prompt,
 )
-from smt_dist.recipes.tokenized import tokenize_one
+from smt_dist.recipes.tokenized import check_something_left, check_tokenizer, tokenize_one
 
 
 def read_records(path: str | Path) -> list[dict[str, str]]:
@@ -200,15 +200,11 @@ def tokenize_records(
     Returns the examples and how many records were dropped because truncation left them no token
     with a loss (a prompt alone filling ``max_seq_length``).
     """
-    if tokenizer.eos_token_id is None:
-        raise ValueError("The tokenizer has no eos token; the response needs one to end.")
+    check_tokenizer(tokenizer)
     options = (dataset_format, max_seq_length, assistant_only_loss)
     tokenized = [tokenize_one(record, i, tokenizer, *options) for i, record in enumerate(records)]
     examples = [example for example in tokenized if example is not None]
-    if not examples:
-        raise ValueError(
-            f"Every record's prompt fills max_seq_length={max_seq_length}; nothing is left to learn."
-        )
+    check_something_left(len(examples), max_seq_length)
     return examples, len(records) - len(examples)
 
 

@@ -43,8 +43,7 @@ def tokenized_dataset(
     import datasets
     from filelock import FileLock
 
-    if tokenizer.eos_token_id is None:
-        raise ValueError("The tokenizer has no eos token; the response needs one to end.")
+    check_tokenizer(tokenizer)
     options = (dataset_format, max_seq_length, assistant_only_loss)
     key = _key(records, tokenizer, options, num_proc)
     cache = _cache_dir() / f"tokenized-{key}.arrow"
@@ -73,11 +72,22 @@ def tokenized_dataset(
             load_from_cache_file=True,
             desc="Tokenizing",
         )
-    if len(examples) == 0:
+    check_something_left(len(examples), max_seq_length)
+    return examples, len(records) - len(examples)
+
+
+def check_tokenizer(tokenizer: Any) -> None:
+    """Every response ends in the eos token: a tokenizer without one cannot tokenise."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("The tokenizer has no eos token; the response needs one to end.")
+
+
+def check_something_left(count: int, max_seq_length: int) -> None:
+    """Refuse data whose every record lost all its labels to truncation."""
+    if count == 0:
         raise ValueError(
             f"Every record's prompt fills max_seq_length={max_seq_length}; nothing is left to learn."
         )
-    return examples, len(records) - len(examples)
 
 
 def tokenize_one(

@@ -63,7 +63,7 @@ def llama() -> torch.nn.Module:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark what spawns processes ``multiprocess`` and everything in ``e2e/`` ``slow``.
+    """Mark what spawns processes ``multiprocess`` and everything in ``e2e/`` ``e2e``.
 
     A test is multi-process when its body calls ``run_on_ranks`` or uses ``subprocess``: read from
     the names its code refers to, so a new test is marked without anyone remembering to.
@@ -74,4 +74,4 @@ def pytest_collection_modifyitems(config, items):
         if names & {"run_on_ranks", "subprocess"}:
             item.add_marker(pytest.mark.multiprocess)
         if "e2e" in item.path.parts:
-            item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.e2e)

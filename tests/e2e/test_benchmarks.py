@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiers import tiered
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.slow
 
 
 def run(script: str, *args: str) -> None:
@@ -28,6 +28,7 @@ def run(script: str, *args: str) -> None:
     )
 
 
+@pytest.mark.slow  # gpu.sh --dry-run runs this script too, every time
 def test_compare_runs_every_method(tmp_path):
     out = tmp_path / "compare.json"
     run(
@@ -72,6 +73,7 @@ def test_compare_runs_every_method(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_layer_and_memory_benchmarks_run(tmp_path):
     run(
         "layer.py",
@@ -97,6 +99,7 @@ def test_layer_and_memory_benchmarks_run(tmp_path):
     )
 
 
+@pytest.mark.slow  # gpu.sh --dry-run runs this script too, every time
 def test_scale_memory_reports_every_phase(tmp_path):
     out = tmp_path / "scale.json"
     run(
@@ -153,15 +156,25 @@ def test_analytic_job_phases_partition_and_checkpointing_help():
         assert per_gpu[engine]["train"] < without["train"], engine
 
 
-def test_quality_runs_every_method_at_matched_budgets_and_resumes(tmp_path):
+@pytest.mark.parametrize(
+    "tables",
+    tiered(
+        ["3", "3,6"], ["lora-smt-random"], ids=["lora-smt-random", "every-method"]
+    ),  # every run: 7 runs, not 19
+)
+def test_quality_runs_every_method_at_matched_budgets_and_resumes(tmp_path, tables):
     out = tmp_path / "quality.json"
+    every = tables == "3,6"
     smoke = ["--model", str(REPO / "models" / "tiny-llama"), "--steps", "2", "--lrs", "1e-3", "--extend", "0",
              "--ranks", "1", "--lr_rank", "1", "--seeds", "0,1", "--limit", "2", "--warmup_steps", "1",
-             "--table6_percent", "0.2", "--output", str(out)]  # fmt: skip
+             "--table6_percent", "0.2", "--output", str(out), "--tables", tables,
+             "--methods", "full,lora,dora,smt,random" if every else "lora,smt,random"]  # fmt: skip
     run("quality.py", *smoke)
     state = json.loads(out.read_text())
     runs = state["runs"]
-    methods = {"full", "lora", "dora", "smt", "random", "smt_q", "smt_k", "smt_v", "smt_qkv"}
+    methods = {"lora", "smt", "random"}
+    if every:
+        methods |= {"full", "dora", "smt_q", "smt_k", "smt_v", "smt_qkv"}
     assert {r["method"] for r in runs.values()} == methods | {"base"}
     assert len(runs) == 1 + 2 * len(methods)  # base, then each method at both seeds
     for r in runs.values():
@@ -170,10 +183,11 @@ def test_quality_runs_every_method_at_matched_budgets_and_resumes(tmp_path):
     by = {(r["method"], r.get("seed")): r for r in runs.values()}
     # SMT and the random control get exactly LoRA's trainable count at the same rank.
     assert by["smt", 0]["trainable"] == by["random", 0]["trainable"] == by["lora", 0]["trainable"]
-    assert by["full", 0]["percent"] == 100.0
-    # The Table 6 variants spend one budget on their own module types only.
-    assert set(by["smt_v", 0]["selection"]["by_type"]) == {"v_proj"}
-    assert by["smt_q", 0]["trainable"] == by["smt_qkv", 0]["trainable"]
+    if every:
+        assert by["full", 0]["percent"] == 100.0
+        # The Table 6 variants spend one budget on their own module types only.
+        assert set(by["smt_v", 0]["selection"]["by_type"]) == {"v_proj"}
+        assert by["smt_q", 0]["trainable"] == by["smt_qkv", 0]["trainable"]
     # Seeds change the random control's blocks, and the summary holds each method's two seeds.
     assert by["random", 0]["selection"] != by["random", 1]["selection"]
     assert {row["seeds"] for row in state["summary"]["rows"]} == {2}
@@ -184,6 +198,23 @@ def test_quality_runs_every_method_at_matched_budgets_and_resumes(tmp_path):
     assert json.loads(out.read_text())["runs"] == json.loads(before)["runs"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["residual", "cap1"])
+def test_a_selection_variant_spends_lora_s_budget_its_own_way(tmp_path, variant):
+    out = tmp_path / "variant.json"
+    run("selection_variants.py", variant, "--model", str(REPO / "models" / "tiny-llama"), "--steps", "2",
+        "--lrs", "1e-3", "--limit", "2", "--rank", "1", "--output", str(out))  # fmt: skip
+    runs = json.loads(out.read_text())["runs"]
+    (key,) = [k for k in runs if k != "base"]
+    selection = runs[key]["selection"]
+    blocks = sum(selection["by_type"].values())
+    # LoRA r=1's count on q, k, v, up, down of the 6-layer, 256-wide model, in 16 x 16 blocks
+    assert runs[key]["trainable"] == blocks * 256 == 75 * 256
+    if variant == "cap1":  # one block per (module, row-block): as many pairs as blocks
+        assert selection["row_blocks"] == blocks
+
+
+@pytest.mark.slow
 def test_packing_benchmark_packs_and_reports_its_ratio(tmp_path):
     run("packing.py", "--steps", "1", "--threads", "1", "--json", str(tmp_path / "packing.json"))
     results = json.loads((tmp_path / "packing.json").read_text())["results"]

@@ -22,8 +22,7 @@ from block_helpers import block_mask
 from distributed_utils import free_port
 from paths import MODEL as DEFAULT_MODEL
 from safetensors.torch import load_file
-
-pytestmark = pytest.mark.slow
+from tiers import tiered
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
@@ -81,8 +80,14 @@ def assert_fine_tuned(saved: Path, adapter: Path) -> None:
     assert moved, "no selected block moved"
 
 
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
-@pytest.mark.parametrize("script", ["trainer_smt.py", "trl_sft_smt.py"])
+@pytest.mark.parametrize(
+    ("script", "stage"),
+    tiered(
+        [(s, z) for s in ("trainer_smt.py", "trl_sft_smt.py") for z in ("zero2", "zero3")],
+        ["trainer-zero3", "trl-zero2"],
+        ids=["trainer-zero2", "trainer-zero3", "trl-zero2", "trl-zero3"],
+    ),
+)
 def test_trainer(tmp_path, script, stage):
     """TrainingArguments(deepspeed=...): under ZeRO-3 transformers loads the model partitioned.
 
@@ -100,13 +105,16 @@ def test_trainer(tmp_path, script, stage):
 
 @pytest.mark.parametrize(
     "zero",
-    [
-        {"stage": 0},
-        {"stage": 2},
-        {"stage": 3},
-        {"stage": 3, "offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "cpu"}},
-    ],
-    ids=["zero0", "zero2", "zero3", "zero3-offload"],
+    tiered(
+        [
+            {"stage": 0},
+            {"stage": 2},
+            {"stage": 3},
+            {"stage": 3, "offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "cpu"}},
+        ],
+        ["zero3-offload"],
+        ids=["zero0", "zero2", "zero3", "zero3-offload"],
+    ),
 )
 def test_deepspeed_loop_with_the_json_optimizer(tmp_path, zero):
     out = tmp_path / "out"
@@ -118,7 +126,7 @@ def test_deepspeed_loop_with_the_json_optimizer(tmp_path, zero):
     assert_fine_tuned(out, out / "smt_adapter")
 
 
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+@pytest.mark.parametrize("stage", tiered(["zero2", "zero3"], ["zero3"]))
 def test_accelerate_with_the_deepspeed_plugin(tmp_path, stage):
     out = tmp_path / "out"
     launch(

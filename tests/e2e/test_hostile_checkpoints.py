@@ -18,8 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_bad_input import run_ranks
-
-pytestmark = pytest.mark.slow
+from tiers import tiered
 
 BACKENDS = {
     "deepspeed": ["--deepspeed", "configs/zero2_smt.json"],
@@ -53,7 +52,7 @@ def outcome(output: Path) -> tuple:
     return losses, {k: v.tolist() for k, v in sorted(adapter.items())}
 
 
-@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("backend", tiered(sorted(BACKENDS), ["deepspeed", "torch"]))
 def test_planted_payloads_never_run(backend, tmp_path):
     run = tmp_path / "run"
     (first,) = run_ranks([["--output_dir", str(run), *BACKENDS[backend], *ARGS]])

@@ -20,8 +20,6 @@ from pathlib import Path
 import pytest
 from distributed_utils import free_port
 
-pytestmark = pytest.mark.slow
-
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -23,11 +23,10 @@ from block_helpers import block_mask
 from distributed_utils import free_port
 from paths import MODEL as DEFAULT_MODEL
 from safetensors.torch import load_file
+from tiers import tiered
 
 from smt_dist import load_smt_adapter
 from smt_dist.recipes import finetune
-
-pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "launch" / "train.py"
@@ -136,16 +135,20 @@ def test_zero2_trains_and_writes_adapter_and_merged_checkpoint(reference):
 
 @pytest.mark.parametrize(
     ("launcher", "config"),
-    [
-        ("deepspeed", "zero3_smt"),
-        ("deepspeed", "zero3_offload_smt"),
-        ("torchrun", "zero2_smt"),
-        ("mpirun", "zero2_smt"),
-        ("torchrun", None),  # BlockShardedAdamW, no DeepSpeed
-        ("mpirun", None),
-        ("torchrun", "fsdp"),  # FSDP2
-        ("accelerate", "fsdp"),
-    ],
+    # every run: each engine once (ZeRO-3, BlockShardedAdamW, FSDP2), under each launcher but accelerate
+    tiered(
+        [
+            ("deepspeed", "zero3_smt"),
+            ("deepspeed", "zero3_offload_smt"),
+            ("torchrun", "zero2_smt"),
+            ("mpirun", "zero2_smt"),
+            ("torchrun", None),  # BlockShardedAdamW, no DeepSpeed
+            ("mpirun", None),
+            ("torchrun", "fsdp"),  # FSDP2
+            ("accelerate", "fsdp"),
+        ],
+        [("deepspeed", "zero3_smt"), ("mpirun", None), ("torchrun", "fsdp")],
+    ),
 )
 def test_other_stages_and_launchers_match_zero2(reference, tmp_path, launcher, config):
     output_dir = run_job(launcher, tmp_path / "out", config)
@@ -165,11 +168,15 @@ def test_other_stages_and_launchers_match_zero2(reference, tmp_path, launcher, c
 
 @pytest.mark.parametrize(
     ("config", "extra"),
-    [
-        ("zero3_smt", ["--gradient_checkpointing"]),  # recomputation changes no value
-        ("fsdp", ["--gradient_checkpointing"]),
-        ("zero2_smt", ["--smt_selection", "REFERENCE/selection.json"]),  # the same blocks, no warm-up
-    ],
+    tiered(
+        [
+            ("zero3_smt", ["--gradient_checkpointing"]),  # recomputation changes no value
+            ("fsdp", ["--gradient_checkpointing"]),
+            ("zero2_smt", ["--smt_selection", "REFERENCE/selection.json"]),  # the same blocks, no warm-up
+        ],
+        ["zero3-checkpointing", "given-selection"],
+        ids=["zero3-checkpointing", "fsdp-checkpointing", "given-selection"],
+    ),
 )
 def test_checkpointing_and_a_given_selection_match_zero2(reference, tmp_path, config, extra):
     extra = [arg.replace("REFERENCE", str(reference)) for arg in extra]
@@ -187,7 +194,10 @@ def test_checkpointing_and_a_given_selection_match_zero2(reference, tmp_path, co
         )
 
 
-@pytest.mark.parametrize(("launcher", "config"), [("deepspeed", "zero3_smt"), ("torchrun", None)])
+@pytest.mark.parametrize(
+    ("launcher", "config"),
+    tiered([("deepspeed", "zero3_smt"), ("torchrun", None)], ["torchrun"], ids=["zero3", "torchrun"]),
+)
 def test_validation_loss_equals_one_process_on_the_held_out_records(tmp_path, launcher, config):
     """--val_set_size holds records out and reports their loss: recomputed here in one process from
     the base and the run's adapter, token-weighted over the same held-out records."""
@@ -220,13 +230,20 @@ def test_validation_loss_equals_one_process_on_the_held_out_records(tmp_path, la
 
 @pytest.mark.parametrize(
     ("launcher", "config", "extra"),
-    [
-        ("deepspeed", "zero2_smt", ()),
-        ("torchrun", None, ()),
-        ("torchrun", "fsdp", ()),
-        ("torchrun", None, ("--packing", "--data_path", "data/tiny_chat.jsonl", "--max_seq_length", "256")),
-    ],
-    ids=["zero2", "torchrun", "fsdp", "packing"],
+    tiered(
+        [
+            ("deepspeed", "zero2_smt", ()),
+            ("torchrun", None, ()),
+            ("torchrun", "fsdp", ()),
+            (
+                "torchrun",
+                None,
+                ("--packing", "--data_path", "data/tiny_chat.jsonl", "--max_seq_length", "256"),
+            ),
+        ],
+        ["zero2", "packing"],  # packing runs BlockShardedAdamW's resume too
+        ids=["zero2", "torchrun", "fsdp", "packing"],
+    ),
 )
 def test_killed_run_resumes_to_the_uninterrupted_result(reference, tmp_path, launcher, config, extra):
     if config != "zero2_smt" or extra:  # the run's own uninterrupted twin is the bit-exact reference
@@ -423,6 +440,7 @@ def test_script_exits_non_zero_with_one_line(tmp_path):
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
+@pytest.mark.slow  # every run: chat data through the job in the packing resume, parquet in tests/recipes
 def test_conversations_train_from_jsonl_and_parquet_alike(tmp_path):
     """The shipped ``messages`` JSONL under DeepSpeed and the same conversations as parquet under
     torchrun: the same examples (assistant turns only in the loss), so the same loss curve."""

@@ -20,13 +20,12 @@ import torch
 from distributed_utils import free_port
 from paths import MODEL
 from safetensors.torch import load_file
-
-pytestmark = pytest.mark.slow
+from tiers import tiered
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+@pytest.mark.parametrize("zero", tiered(["zero2", "zero3"], ["zero3"]))
 def test_sft_trainer_with_smt_peft_config_saves_an_adapter_peft_loads(zero, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

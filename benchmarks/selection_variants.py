@@ -26,7 +26,8 @@ The variants:
 - ``residual``: divided by the rank-one fit of its row's and column's strengths,
   ``s_rc * mean(s) / (mean_r(s) * mean_c(s))``: what is left of a block's score once the strength
   of its output features and of its input features is taken out.
-- ``cap1``: at most one block per (module, row-block), ``SMTConfig(max_blocks_per_row=1)``.
+- ``cap1``: at most one block per (module, row-block), ``SMTConfig(max_blocks_per_row=1)``;
+  ``authors_cap1``: the authors' warm-up's scores under that cap.
 - ``block32``: 32 x 32 blocks at the same parameter count.
 - ``random``: the study's random control; ``lora``: the study's LoRA at rank ``--rank``.
 """
@@ -47,7 +48,19 @@ import quality
 from smt_dist import SMTConfig, apply_smt, collect_block_scores, find_targets, select_blocks
 from smt_dist.core.blocks import block_view
 
-VARIANTS = ("plain", "long", "authors", "rownorm", "colnorm", "residual", "cap1", "block32", "random", "lora")
+VARIANTS = (
+    "plain",
+    "long",
+    "authors",
+    "rownorm",
+    "colnorm",
+    "residual",
+    "cap1",
+    "authors_cap1",
+    "block32",
+    "random",
+    "lora",
+)
 
 
 def main() -> None:
@@ -94,12 +107,12 @@ class VariantStudy(quality.Study):
             target_modules=",".join(quality.TARGETS),
             num_blocks=budget,
             warmup_steps=64 if self.variant == "long" else self.args.warmup_steps,
-            max_blocks_per_row=1 if self.variant == "cap1" else None,
+            max_blocks_per_row=1 if self.variant in ("cap1", "authors_cap1") else None,
         )
         if self.variant == "random":
             selection = quality.random_blocks(model, config, budget, seed=seed)
         else:
-            if self.variant == "authors":
+            if self.variant in ("authors", "authors_cap1"):
                 scores = moving_warmup_scores(model, batches[:32], config)
                 model = self.load_model()  # the chosen blocks train from the base, as every method's
             else:

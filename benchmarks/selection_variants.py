@@ -140,7 +140,9 @@ def moving_warmup_scores(model, batches: list[dict], config: SMTConfig) -> dict[
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return {
-        name: block_view(total.abs(), config.block_size).mean(dim=(-1, -2)) for name, total in sums.items()
+        # block_view is (out/l, l, in/l, l): a block's elements are dims 1 and 3
+        name: block_view(total.abs(), config.block_size).mean(dim=(1, 3))
+        for name, total in sums.items()
     }
 
 

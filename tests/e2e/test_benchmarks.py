@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tiers import tiered
 
 REPO = Path(__file__).resolve().parents[2]
@@ -196,6 +197,29 @@ def test_quality_runs_every_method_at_matched_budgets_and_resumes(tmp_path, tabl
     before = out.read_text()
     run("quality.py", *smoke)
     assert json.loads(out.read_text())["runs"] == json.loads(before)["runs"]
+
+
+def test_the_moving_warmup_of_one_batch_scores_as_the_frozen_warmup_does():
+    """One batch: the summed gradient is the base point's, so its mean |G| per block is mean_abs's."""
+    import itertools
+    import sys
+
+    from conftest import lm_batches, tiny_causal_lm
+
+    from smt_dist import SMTConfig, collect_block_scores
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import selection_variants
+
+    config = SMTConfig(block_size=16, target_modules="q_proj,k_proj,v_proj,up_proj,down_proj", num_blocks=4,
+                       warmup_steps=1)  # fmt: skip
+    batch = lm_batches(1)[0]
+    moving = selection_variants.moving_warmup_scores(tiny_causal_lm(), [batch], config)
+    frozen = collect_block_scores(tiny_causal_lm(), itertools.cycle([batch]), config)
+    assert moving.keys() == frozen.keys()
+    for name in frozen:
+        # the same gradient, summed in another order (dense weight grad against per-block probes)
+        torch.testing.assert_close(moving[name], frozen[name], rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.slow

@@ -33,6 +33,7 @@ setup(
         "logging": LOGGING,
         "test": [
             "pytest>=8",
+            "pytest-timeout>=2.3",
             "ruff>=0.6",
             "peft>=0.21,<0.22",
             "trl>=1.16,<2",

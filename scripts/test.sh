@@ -14,4 +14,5 @@ if [[ "${1:-}" == "--all" ]]; then
 fi
 "$PYTHON" -m ruff check .
 "$PYTHON" -m ruff format --check .
-"$PYTHON" -m pytest "${TIER[@]}" "$@"
+# --durations: where the time went, printed at the end of every run (CI's log included)
+"$PYTHON" -m pytest --durations=25 "${TIER[@]}" "$@"

@@ -65,13 +65,30 @@ def llama() -> torch.nn.Module:
 def pytest_collection_modifyitems(config, items):
     """Mark what spawns processes ``multiprocess`` and everything in ``e2e/`` ``e2e``.
 
-    A test is multi-process when its body calls ``run_on_ranks`` or uses ``subprocess``: read from
-    the names its code refers to, so a new test is marked without anyone remembering to.
+    A test is multi-process when its body calls ``run_on_ranks``, ``run_script_on_ranks`` or
+    ``run_command`` or uses ``subprocess``: read from the names its code refers to, so a new test
+    is marked without anyone remembering to.
     """
     for item in items:
         function = getattr(item, "function", None)
         names = set(getattr(getattr(function, "__code__", None), "co_names", ()))
-        if names & {"run_on_ranks", "subprocess"}:
+        if names & {"run_on_ranks", "run_script_on_ranks", "run_command", "subprocess"}:
             item.add_marker(pytest.mark.multiprocess)
         if "e2e" in item.path.parts:
             item.add_marker(pytest.mark.e2e)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Print a failure's traceback the moment it happens, not only in the end-of-run summary.
+
+    CI stops a run at its time limit; a summary that never printed would leave only an ``F``.
+    """
+    report = yield
+    reporter = item.config.pluginmanager.get_plugin("terminalreporter")
+    if report.failed and reporter is not None:
+        text = report.longreprtext
+        reporter.write_line("")
+        reporter.write_line(f"FAILED {report.nodeid} ({report.when}, {report.duration:.0f} s):", red=True)
+        reporter.write_line(text if len(text) < 6000 else "...\n" + text[-6000:])
+    return report

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +23,56 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def run_command(
+    command: list[str], *, cwd: Path, timeout: int = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """``command`` with its output captured; past ``timeout`` seconds it and all its descendants die.
+
+    A launcher's ranks are its children (torchrun's in sessions of their own): killing only the
+    launcher, as ``subprocess.run`` does, would leave them running, or hung in a collective,
+    beside every later test. A timeout fails the test with the output so far.
+    """
+    proc = subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        dump_stacks(proc.pid)
+        kill_tree(proc.pid)
+        out, err = proc.communicate()
+        raise AssertionError(
+            f"{' '.join(command)}\nran past {timeout} s and was killed:\n{out[-3000:]}{err[-3000:]}"
+        ) from None
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def dump_stacks(pid: int) -> None:
+    """Ask the ranks under ``pid`` (its descendants with no children) where they wait.
+
+    ``launch/train.py`` prints every thread's stack on SIGUSR1, to the stderr a timeout reports.
+    """
+    import psutil
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for process in psutil.Process(pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if not process.children():
+                    process.send_signal(signal.SIGUSR1)
+    time.sleep(3)  # faulthandler writes at once; this lets the launchers pass the lines on
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant it has, whatever their process group."""
+    import psutil
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        root = psutil.Process(pid)
+        for process in [*root.children(recursive=True), root]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
 
 
 def run_on_ranks(fn, world_size: int, *args) -> None:
@@ -54,12 +106,13 @@ def run_script_on_ranks(
     cwd: Path,
     timeout: int = 240,
     file_size_limit: int | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> list[subprocess.CompletedProcess]:
     """``script`` as one process per rank (one argv each), with torchrun's environment.
 
     Unlike torchrun, every rank's own exit code and stderr come back. ``file_size_limit`` (bytes,
     ``RLIMIT_FSIZE``) makes every larger write fail as a full disk would, with ``EFBIG`` (Python
-    ignores ``SIGXFSZ``).
+    ignores ``SIGXFSZ``). ``extra_env`` adds to every rank's environment.
     """
 
     def limit() -> None:
@@ -76,6 +129,7 @@ def run_script_on_ranks(
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": port,
             "OMP_NUM_THREADS": "1",
+            **(extra_env or {}),
         }
         procs.append(
             subprocess.Popen(
@@ -89,9 +143,20 @@ def run_script_on_ranks(
             )
         )
     results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=timeout)
-        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    except subprocess.TimeoutExpired:
+        for proc in procs:  # where each rank waits, then no rank outlives the test
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGUSR1)
+        time.sleep(3)
+        for proc in procs:
+            kill_tree(proc.pid)
+        errors = [r.stderr for r in results] + [proc.communicate()[1] for proc in procs[len(results) :]]
+        errors = [error[-3000:] for error in errors]
+        raise AssertionError(f"{script} ran past {timeout} s and was killed:\n" + "\n".join(errors)) from None
     return results
 
 

@@ -69,6 +69,27 @@ def init_distributed() -> None:
     # Under mpirun DeepSpeed's MPI discovery sets MASTER_PORT itself; keep one the user chose.
     port = int(os.environ.get("MASTER_PORT", 29500))
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl", distributed_port=port)
+    if on_cpu():
+        release_shared_memory()
+
+
+def release_shared_memory() -> None:
+    """Unlink this rank's segment of DeepSpeed's CPU all-reduce buffer once every rank has it mapped.
+
+    On CPU, joining the group makes each rank create ``/dev/shm/deepspeed_allreduce_buffer_<uid>_
+    <addr>_<port>_<rank>`` (66 MB) and map every peer's; DeepSpeed never unlinks them, so each job
+    left 66 MB of RAM per rank in ``/dev/shm`` until the machine restarted. Unlinked, a mapped
+    segment stays usable and the kernel frees it when the last rank exits. A collective: call it on
+    every rank (only ranks on one node create segments, but every rank waits at the barrier).
+    """
+    import torch.distributed as dist
+
+    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    segment = (
+        Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{dist.get_rank()}"
+    )
+    dist.barrier()  # every rank opened every peer's segment inside init_distributed
+    segment.unlink(missing_ok=True)
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:

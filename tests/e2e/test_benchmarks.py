@@ -14,19 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from distributed_utils import run_command
 from tiers import tiered
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def run(script: str, *args: str) -> None:
-    subprocess.run(
-        [sys.executable, f"benchmarks/{script}", *args],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
+    result = run_command([sys.executable, f"benchmarks/{script}", *args], cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 @pytest.mark.slow  # gpu.sh --dry-run runs this script too, every time
@@ -253,13 +249,7 @@ def test_packing_benchmark_packs_and_reports_its_ratio(tmp_path):
 def test_the_gpu_script_runs_every_step_on_the_cpu_and_its_ratios_hold(tmp_path):
     """``gpu.sh --dry-run``: the GPU machine's script, every step at tiny sizes on the CPU."""
     out = tmp_path / "gpu"
-    done = subprocess.run(
-        ["bash", "benchmarks/gpu.sh", str(out), "--dry-run"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
+    done = run_command(["bash", "benchmarks/gpu.sh", str(out), "--dry-run"], cwd=REPO, timeout=1100)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "FAILED" not in done.stdout, done.stdout
     environment = json.loads((out / "environment.json").read_text())

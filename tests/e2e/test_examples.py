@@ -13,13 +13,12 @@ What must hold, checked against the untouched base model read from its own file:
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from block_helpers import block_mask
-from distributed_utils import free_port
+from distributed_utils import free_port, run_command
 from paths import MODEL as DEFAULT_MODEL
 from safetensors.torch import load_file
 from tiers import tiered
@@ -30,7 +29,7 @@ BLOCK = 16  # the examples' SMTConfig(block_size=16)
 
 
 def launch(command: list[str]) -> None:
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = run_command(command, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 

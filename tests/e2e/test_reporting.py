@@ -14,11 +14,10 @@ from __future__ import annotations
 import json
 import os
 import struct
-import subprocess
 from pathlib import Path
 
 import pytest
-from distributed_utils import free_port
+from distributed_utils import free_port, run_command
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,7 +29,7 @@ def train(output_dir: Path, *extra: str) -> None:
         "--disable_tqdm", "--report_to", "tensorboard,wandb,mlflow", *extra,
     ]  # fmt: skip
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = run_command(command, cwd=REPO, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 

@@ -8,10 +8,8 @@ bit. Bad inputs are run in-process through ``main`` (same code path, no launcher
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from block_helpers import block_mask
-from distributed_utils import free_port
+from distributed_utils import free_port, kill_tree, run_command
 from paths import MODEL as DEFAULT_MODEL
 from safetensors.torch import load_file
 from tiers import tiered
@@ -67,9 +65,7 @@ def command(launcher: str, output_dir: Path, config: str | None, *extra: str) ->
 
 
 def run_job(launcher: str, output_dir: Path, config: str | None = "zero2_smt", *extra: str) -> Path:
-    result = subprocess.run(
-        command(launcher, output_dir, config, *extra), cwd=REPO, capture_output=True, text=True, timeout=600
-    )
+    result = run_command(command(launcher, output_dir, config, *extra), cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return output_dir
 
@@ -260,7 +256,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(reference, tmp_path, lau
     while not (output_dir / "checkpoint-8").is_dir():
         assert job.poll() is None and time.monotonic() < deadline, "the run ended before checkpoint-8"
         time.sleep(0.1)
-    os.killpg(job.pid, signal.SIGKILL)
+    kill_tree(job.pid)  # torchrun's ranks sit in sessions of their own: a killpg would miss them
     job.wait()
     assert not (output_dir / "adapter").exists()
 

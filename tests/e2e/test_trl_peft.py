@@ -12,12 +12,11 @@ gathers only the trainable parameters). What must hold, read back with plain pef
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from distributed_utils import free_port
+from distributed_utils import free_port, run_command
 from paths import MODEL
 from safetensors.torch import load_file
 from tiers import tiered
@@ -37,7 +36,7 @@ def test_sft_trainer_with_smt_peft_config_saves_an_adapter_peft_loads(zero, tmp_
         str(REPO / "examples" / "trl_sft_peft_smt.py"),
         "--deepspeed", str(REPO / "configs" / f"{zero}_smt.json"), "--output_dir", str(tmp_path),
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = run_command(command, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     adapter = tmp_path / "final"

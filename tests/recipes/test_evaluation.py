@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from distributed_utils import free_port
+from distributed_utils import free_port, run_command
 
 from smt_dist.recipes.evaluation import DATASETS, extract_answer, is_correct, read_test_file
 
@@ -101,10 +100,10 @@ def test_a_new_task_is_read_by_its_layout(tmp_path, answers, responses, flags):
 def test_unknown_dataset_exits_with_one_sentence(tmp_path):
     path = tmp_path / "test.json"
     path.write_text('[{"instruction": "q", "answer": "a cat"}]')  # no layout tells how to read it
-    result = subprocess.run(
+    result = run_command(
         [sys.executable, str(EVAL), "--model_name_or_path", str(MODEL), "--test_file", f"mmlu={path}",
          "--output_dir", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=120,
+        cwd=REPO, timeout=120,
     )  # fmt: skip
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
@@ -121,10 +120,10 @@ def test_a_model_folder_without_safetensors_is_refused_unread(tmp_path):
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         (model / name).write_bytes((MODEL / name).read_bytes())
     (model / "pytorch_model.bin").write_bytes(b"\x80\x04not a pickle anyone should load")
-    result = subprocess.run(
+    result = run_command(
         [sys.executable, str(EVAL), "--model_name_or_path", str(model), "--data_dir",
          str(REPO / "data" / "tiny_eval"), "--output_dir", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=120,
+        cwd=REPO, timeout=120,
     )  # fmt: skip
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
@@ -139,15 +138,15 @@ def test_two_ranks_give_the_same_predictions_as_one(tmp_path):
     """Each rank answers a slice; gathered, they must equal one process's answers record for record."""
     common = ["--model_name_or_path", str(MODEL), "--data_dir", str(REPO / "data" / "tiny_eval"),
               "--limit", "24", "--per_device_eval_batch_size", "5", "--disable_tqdm"]  # fmt: skip
-    one = subprocess.run(
+    one = run_command(
         [sys.executable, str(EVAL), *common, "--output_dir", str(tmp_path / "one")],
-        capture_output=True, text=True, timeout=600,
+        cwd=REPO, timeout=600,
     )  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(
+    two = run_command(
         ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), str(EVAL), *common,
          "--output_dir", str(tmp_path / "two")],
-        capture_output=True, text=True, timeout=600,
+        cwd=REPO, timeout=600,
     )  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
     accuracy = [json.loads((tmp_path / run / "accuracy.json").read_text()) for run in ("one", "two")]

@@ -28,6 +28,8 @@ The variants:
   of its output features and of its input features is taken out.
 - ``cap1``: at most one block per (module, row-block), ``SMTConfig(max_blocks_per_row=1)``;
   ``authors_cap1``: the authors' warm-up's scores under that cap.
+- ``colcap1``: at most one block per (module, column-block) instead: the same cap on the
+  transposed scores (do blocks need to reach many input features, or many output ones?).
 - ``block32``: 32 x 32 blocks at the same parameter count.
 - ``random``: the study's random control; ``lora``: the study's LoRA at rank ``--rank``.
 """
@@ -45,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import quality
 
-from smt_dist import SMTConfig, apply_smt, collect_block_scores, find_targets, select_blocks
+from smt_dist import BlockSelection, SMTConfig, apply_smt, collect_block_scores, find_targets, select_blocks
 from smt_dist.core.blocks import block_view
 
 VARIANTS = (
@@ -57,6 +59,7 @@ VARIANTS = (
     "residual",
     "cap1",
     "authors_cap1",
+    "colcap1",
     "block32",
     "random",
     "lora",
@@ -107,7 +110,7 @@ class VariantStudy(quality.Study):
             target_modules=",".join(quality.TARGETS),
             num_blocks=budget,
             warmup_steps=64 if self.variant == "long" else self.args.warmup_steps,
-            max_blocks_per_row=1 if self.variant in ("cap1", "authors_cap1") else None,
+            max_blocks_per_row=1 if self.variant in ("cap1", "authors_cap1", "colcap1") else None,
         )
         if self.variant == "random":
             selection = quality.random_blocks(model, config, budget, seed=seed)
@@ -117,12 +120,20 @@ class VariantStudy(quality.Study):
                 model = self.load_model()  # the chosen blocks train from the base, as every method's
             else:
                 scores = collect_block_scores(model, itertools.cycle(batches), config)
-            selection = select_blocks(normalise(scores, self.variant), config)
+            if self.variant == "colcap1":  # the row cap on [in/l, out/l] scores, indices turned back
+                picked = select_blocks({n: score.t() for n, score in scores.items()}, config)
+                selection = BlockSelection(
+                    config.block_size, {n: i.flip(1) for n, i in picked.blocks.items()}
+                )
+            else:
+                selection = select_blocks(normalise(scores, self.variant), config)
         apply_smt(model, selection, config)
         summary = selection.summary(config)
         rows = sum(len({int(r) for r in index[:, 0]}) for index in selection.blocks.values())
-        summary["row_blocks"] = rows
-        print(f"{self.variant}: {len(selection.blocks)} modules, {rows} (module, row-block) pairs, "
+        columns = sum(len({int(c) for c in index[:, 1]}) for index in selection.blocks.values())
+        summary["row_blocks"], summary["column_blocks"] = rows, columns
+        print(f"{self.variant}: {len(selection.blocks)} modules, {rows} (module, row-block) and "
+              f"{columns} (module, column-block) pairs, "
               f"by layer {summary.get('by_layer')}, by type {summary.get('by_type')}", flush=True)  # fmt: skip
         return model, [p for p in model.parameters() if p.requires_grad], summary
 

@@ -382,6 +382,7 @@ def main() -> None:
                 r["trainable"],
                 r["step_time"],
                 *(r[f"peak_{p}"] for p in PHASES),
+                r["peak_job"],
                 r["adapter_bytes"],
                 r["save_time"],
             ]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Why do the warm-up's blocks train worse than random ones? One selection variant per run.
 
-    python benchmarks/selection_variants.py residual --lrs 1e-2,3e-2     # about 4 minutes a rate, 1 thread
+    python benchmarks/selection_variants.py residual --lrs 1e-2,3e-2     # 80-100 s a rate on 1 quiet thread
     python benchmarks/selection_variants.py --help                       # the variants
 
 Each variant changes only how the blocks are chosen; the budget (LoRA rank ``--rank``'s

@@ -403,7 +403,7 @@ def main() -> None:
         "smt_over_lora": compared,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1))
+    args.json.write_text(json.dumps(report, indent=1, default=str))  # --plot is a Path
     print(f"wrote {args.json} ({report['wall_s']:.0f} s)")
     if args.plot:
         plot(report, args.plot)

@@ -40,8 +40,7 @@ def run_command(
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        dump_stacks(proc.pid)
-        kill_tree(proc.pid)
+        stop_showing_stacks([proc.pid], ranks=leaves(proc.pid))
         out, err = proc.communicate()
         raise AssertionError(
             f"{' '.join(command)}\nran past {timeout} s and was killed:\n{out[-3000:]}{err[-3000:]}"
@@ -49,19 +48,30 @@ def run_command(
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
-def dump_stacks(pid: int) -> None:
-    """Ask the ranks under ``pid`` (its descendants with no children) where they wait.
-
-    ``launch/train.py`` prints every thread's stack on SIGUSR1, to the stderr a timeout reports.
-    """
+def leaves(pid: int) -> list[int]:
+    """The processes under ``pid`` that have none of their own: a launcher's ranks."""
     import psutil
 
+    found = []
     with contextlib.suppress(psutil.NoSuchProcess):
         for process in psutil.Process(pid).children(recursive=True):
             with contextlib.suppress(psutil.NoSuchProcess):
                 if not process.children():
-                    process.send_signal(signal.SIGUSR1)
+                    found.append(process.pid)
+    return found
+
+
+def stop_showing_stacks(roots: list[int], *, ranks: list[int]) -> None:
+    """Ask ``ranks`` where they wait, then SIGKILL ``roots`` and everything under them.
+
+    ``launch/train.py`` prints every thread's stack on SIGUSR1, to the stderr a timeout reports.
+    """
+    for pid in ranks:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR1)
     time.sleep(3)  # faulthandler writes at once; this lets the launchers pass the lines on
+    for pid in roots:
+        kill_tree(pid)
 
 
 def kill_tree(pid: int) -> None:
@@ -148,12 +158,8 @@ def run_script_on_ranks(
             out, err = proc.communicate(timeout=timeout)
             results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
     except subprocess.TimeoutExpired:
-        for proc in procs:  # where each rank waits, then no rank outlives the test
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGUSR1)
-        time.sleep(3)
-        for proc in procs:
-            kill_tree(proc.pid)
+        pids = [proc.pid for proc in procs]
+        stop_showing_stacks(pids, ranks=pids)  # no rank outlives the test
         errors = [r.stderr for r in results] + [proc.communicate()[1] for proc in procs[len(results) :]]
         errors = [error[-3000:] for error in errors]
         raise AssertionError(f"{script} ran past {timeout} s and was killed:\n" + "\n".join(errors)) from None

@@ -5,6 +5,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 LOGGING = ["tensorboard", "wandb", "mlflow-skinny", "sqlalchemy", "alembic"]
+QUANT = ["bitsandbytes>=0.50", "torchao>=0.18"]
 
 setup(
     name="smt_dist",
@@ -40,7 +41,10 @@ setup(
             "datasets>=4",
             "matplotlib",
             *LOGGING,
+            *QUANT,
         ],
         "bench": ["peft>=0.21,<0.22", "matplotlib"],
+        # --load_in_4bit / --load_in_8bit (bitsandbytes, CPU and CUDA) and --torchao int8.
+        "quant": QUANT,
     },
 )

@@ -15,8 +15,12 @@ def weight_shape(weight: torch.Tensor) -> torch.Size:
     """A weight's full shape, also when an engine holds only a partition of it.
 
     DeepSpeed ZeRO-3 leaves an empty ``weight`` and records the real shape as ``ds_shape``; an
-    FSDP2 ``DTensor`` reports its global shape itself.
+    FSDP2 ``DTensor`` reports its global shape itself; a bitsandbytes 4-bit weight is packed
+    (``[out * in / 2, 1]`` bytes) and records its shape in ``quant_state``.
     """
+    state = getattr(weight, "quant_state", None)
+    if state is not None:
+        return torch.Size(state.shape)
     return torch.Size(getattr(weight, "ds_shape", weight.shape))
 
 

@@ -9,6 +9,12 @@ The trainable values are *deltas* from the frozen base, zero-initialised: the ad
 independent of the base and merging is an addition. With AdamW weight decay this decays the
 delta towards the base weight, not the block towards zero (the authors' code decays the block).
 
+Over a base layer of another kind (a quantized bitsandbytes or torchao linear,
+``smt_dist.core.quantized``), the layer keeps it whole as ``base_layer`` and adds the blocks'
+products to that layer's own output (``add_block_products``): ``y = base(x) + scatter(x_cols @ D.T)``,
+the base computing its own forward and input gradient. Its ``weight`` and ``bias`` are then the
+base layer's.
+
 Two rules keep the layer usable under DeepSpeed ZeRO-3 and FSDP2, which swap a parameter's
 storage in and out around the owning module's forward and backward: the base ``weight`` is saved
 for backward as the Parameter itself (never a copy, never a view of its storage), and the layer
@@ -24,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smt_dist.core.blocks import block_grid, scatter_blocks, sort_column_major, weight_shape
+from smt_dist.core.quantized import dequantized, float_dtype, keep_layout
 
 # A layer whose blocks cover at least this share of its weight computes with W + D, merged in a
 # transient copy, instead of batched block products: the copy (2 out x in elements, forward and
@@ -194,20 +201,31 @@ class SparseLinear(nn.Module):
         blocks_dtype: torch.dtype | None = None,
         name: str = "SparseLinear",
     ) -> SparseLinear:
-        """Wrap an existing ``nn.Linear``, reusing its weight and bias Parameters (no copy)."""
+        """Wrap an existing linear, reusing its Parameters (no copy).
+
+        A plain ``nn.Linear`` lends its ``weight`` and ``bias``; any other linear (quantized) is
+        kept whole as ``base_layer``. Blocks default to the weight's float dtype."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer.in_features = linear.in_features
-        layer.out_features = linear.out_features
+        layer.in_features, layer.out_features = weight_shape(linear.weight)[1], weight_shape(linear.weight)[0]
         layer.block_size = block_size
         layer.name = name
-        layer.weight = linear.weight
-        layer.weight.requires_grad_(False)
-        layer.bias = linear.bias
-        if layer.bias is not None:
-            layer.bias.requires_grad_(False)
-        layer._init_blocks(block_index, blocks_dtype or linear.weight.dtype)
+        if is_plain_linear(linear):
+            layer.weight = linear.weight
+            layer.bias = linear.bias
+        else:
+            keep_layout(linear)
+            layer.base_layer = linear
+        for param in linear.parameters():
+            param.requires_grad_(False)
+        layer._init_blocks(block_index, blocks_dtype or float_dtype(linear))
         return layer
+
+    def __getattr__(self, name: str):
+        # Over a kept base layer, ``weight`` and ``bias`` are that layer's own.
+        if name in ("weight", "bias") and "base_layer" in self.__dict__["_modules"]:
+            return getattr(self.__dict__["_modules"]["base_layer"], name)
+        return super().__getattr__(name)
 
     def _init_blocks(self, block_index: torch.Tensor, blocks_dtype: torch.dtype) -> None:
         index = self.check_index(block_index, weight_shape(self.weight), self.block_size, name=self.name)
@@ -259,6 +277,8 @@ class SparseLinear(nn.Module):
                 f"The base weight of '{self.name}' requires grad; SMT trains only its blocks. "
                 "Freeze it with weight.requires_grad_(False)."
             )
+        if "base_layer" in self._modules:
+            return add_block_products(x, self.base_layer(x), self)
         return sparse_linear(x, self.weight, self.bias, self, save_input=self.save_input)
 
     @torch.no_grad()
@@ -269,7 +289,8 @@ class SparseLinear(nn.Module):
 
         ``weight`` and ``blocks`` stand in for the module's own when those are partitioned (the
         caller gathered them)."""
-        weight = self.weight if weight is None else weight
+        if weight is None:
+            weight = dequantized(self.base_layer) if "base_layer" in self._modules else self.weight
         blocks = self.blocks.detach() if blocks is None else blocks
         return scatter_blocks(weight, self.block_index.to(weight.device), blocks.to(weight.device), add=True)
 
@@ -283,11 +304,11 @@ class SparseLinear(nn.Module):
             self.out_features,
             bias=self.bias is not None,
             device="meta",
-            dtype=self.weight.dtype,
+            dtype=self.weight.dtype if "base_layer" not in self._modules else float_dtype(self.base_layer),
         )
         linear.weight = nn.Parameter(self.merged_weight(**full), requires_grad=False)
         if bias is not None:
-            linear.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+            linear.bias = nn.Parameter(bias.detach().to(linear.weight.dtype, copy=True), requires_grad=False)
         return linear
 
     def extra_repr(self) -> str:
@@ -296,6 +317,14 @@ class SparseLinear(nn.Module):
             f"bias={self.bias is not None}, block_size={self.block_size}, "
             f"num_blocks={self.num_blocks}"
         )
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` itself with a float weight: the layers ``SparseLinear`` computes fused.
+
+    A ZeRO-3 partitioned weight is still a plain Parameter; a quantized one (bitsandbytes'
+    ``Params4bit``/``Int8Params``, a torchao tensor subclass) is not."""
+    return type(module) is nn.Linear and type(module.weight) in (nn.Parameter, torch.Tensor)
 
 
 def register_derived_index(module: nn.Module) -> None:

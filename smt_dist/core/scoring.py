@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from smt_dist.core.blocks import block_grid, weight_shape
+from smt_dist.core.quantized import keep_layout
 
 
 def column_block_sums(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -109,6 +110,7 @@ class BlockScoreProbes:
             param.requires_grad_(False)
         device = next(iter(self.targets.values())).weight.device
         self._anchor = torch.zeros((), device=device, requires_grad=True)
+        keep_layout(self.model)  # 4-bit weights stay as loaded through an eval-mode warm-up
         for name, linear in self.targets.items():
             n_rows, n_cols = block_grid(weight_shape(linear.weight), self.block_size, name=name)
             self.sums[name] = torch.zeros(n_rows, n_cols, dtype=torch.float32, device=device)

@@ -16,6 +16,7 @@ from torch import nn
 from smt_dist.core.blocks import block_grid, weight_shape
 from smt_dist.core.config import SMTConfig, name_matches
 from smt_dist.core.layer import SparseLinear
+from smt_dist.core.quantized import keep_layout
 from smt_dist.core.selection import BlockSelection
 
 
@@ -89,6 +90,7 @@ def apply_smt(
         )
     if smt_modules(model):
         raise ValueError("The model already has SparseLinear layers; apply SMT to a plain model.")
+    keep_layout(model)  # 4-bit layers, selected or not, keep computing what they computed
     for param in model.parameters():
         param.requires_grad_(False)
     for name, index in selection.blocks.items():

@@ -24,9 +24,11 @@ import torch.distributed as dist
 from torch import nn
 
 from smt_dist.core.config import SMTConfig
+from smt_dist.core.quantized import keep_layout
 from smt_dist.core.selection import BlockSelection
 from smt_dist.core.surgery import no_backward_below_blocks
 from smt_dist.files.atomic import write_json
+from smt_dist.files.quantization import Quantization
 from smt_dist.files.state import read_checkpoint_json
 
 
@@ -46,10 +48,15 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     loads_in_build: ClassVar[bool] = False
     """True when ``build`` loads the base anew (its weights then still need the finiteness check)."""
+    quantized_base: ClassVar[str | None] = None
+    """Why this engine cannot train over a quantized base, naming the alternative (``None``: it can)."""
 
     def __init__(self, args: Any, *, smt_config: SMTConfig, meta_model: nn.Module, world_size: int) -> None:
         self.args = args
         self.smt_config = smt_config
+        self.quantization = args.quantization()
+        if self.quantization is not None and self.quantized_base is not None:
+            raise ValueError(f"A quantized base ({self.quantization.describe()}) {self.quantized_base}")
         self.module: nn.Module | None = None
         """The model this backend trains (after ``load_base`` or ``build``)."""
 
@@ -137,10 +144,23 @@ class Backend(abc.ABC):
         return model
 
 
-def load_pretrained(model_dir: Path, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """A whole Hugging Face causal LM on ``device``, for engines that keep one on every rank."""
+def load_pretrained(
+    model_dir: Path, *, dtype: torch.dtype, device: torch.device, quantization: Quantization | None = None
+) -> nn.Module:
+    """A whole Hugging Face causal LM on ``device``, for engines that keep one on every rank;
+    its linears quantized as they load with ``quantization``."""
     from transformers import AutoModelForCausalLM
 
+    if quantization is not None:  # quantized where it is placed; transformers refuses .to() after
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir,
+            dtype=dtype,
+            device_map={"": device},
+            quantization_config=quantization.transformers_config(dtype),
+        )
+        keep_layout(model)  # validation passes run in eval mode; the base must not change under them
+        model.train()
+        return model
     device_map = {"": device} if device.type == "cuda" else None
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device_map)
     model.train()

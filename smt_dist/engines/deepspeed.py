@@ -438,6 +438,12 @@ class DeepSpeedBackend(Backend):
         super().__init__(args, meta_model=meta_model, world_size=world_size, **kwargs)
         self.user_config = read_config(args.deepspeed)
         self.config = self._resolve(world_size, meta_model)
+        if self.quantization is not None and self.zero_stage == 3:
+            raise ValueError(
+                f"A quantized base ({self.quantization.describe()}) cannot be partitioned by ZeRO-3 (its packed "
+                "weights do not survive zero.Init); use ZeRO-1/2 (configs/zero2_smt.json) or "
+                "--backend torch, where each rank holds the whole quantized base."
+            )
         self.world_size, self.meta_model = world_size, meta_model
         self._partitioned_loading = None  # kept alive: transformers holds it by a weak reference
 
@@ -477,7 +483,9 @@ class DeepSpeedBackend(Backend):
             model = AutoModelForCausalLM.from_pretrained(self.args.model_dir, dtype=self.dtype)
             model.train()
         else:
-            model = load_pretrained(self.args.model_dir, dtype=self.dtype, device=self.device)
+            model = load_pretrained(
+                self.args.model_dir, dtype=self.dtype, device=self.device, quantization=self.quantization
+            )
         self.module = self.configure_model(model)
 
     @contextlib.contextmanager
@@ -488,7 +496,9 @@ class DeepSpeedBackend(Backend):
     def build(self, selection: BlockSelection, *, lr_lambda) -> None:
         if self.module is None:
             self.load_base()
-        apply_smt(self.module, selection, self.smt_config)
+        apply_smt(
+            self.module, selection, self.smt_config, blocks_dtype=self.dtype if self.quantization else None
+        )
         optimizer = torch.optim.AdamW(
             self.blocks, lr=self.args.learning_rate, weight_decay=self.args.weight_decay
         )

@@ -52,6 +52,10 @@ class FsdpBackend(LoopBackend):
     name = "fsdp"
     last_grad_norm: float | None = None  # set by clip()
     loads_in_build = True
+    quantized_base = (
+        "cannot be sharded by FSDP2, which reads the base's float weights shard by shard; use "
+        "--backend torch or DeepSpeed ZeRO-2, where each rank holds the whole quantized base."
+    )
 
     def checkpoint_layout(self) -> dict:
         """Any world size: torch.distributed.checkpoint reshards the blocks and their state."""

@@ -23,13 +23,17 @@ class TorchBackend(LoopBackend):
     name = "torch"
 
     def load_base(self) -> None:
-        model = load_pretrained(self.args.model_dir, dtype=self.dtype, device=self.device)
+        model = load_pretrained(
+            self.args.model_dir, dtype=self.dtype, device=self.device, quantization=self.quantization
+        )
         self.module = self.configure_model(model)
 
     def build(self, selection: BlockSelection, *, lr_lambda) -> None:
         if self.module is None:
             self.load_base()
-        apply_smt(self.module, selection, self.smt_config)
+        apply_smt(
+            self.module, selection, self.smt_config, blocks_dtype=self.dtype if self.quantization else None
+        )
         optimizer = BlockShardedAdamW(
             self.blocks,
             lr=self.args.learning_rate,

@@ -26,6 +26,7 @@ from torch import nn
 from smt_dist.core.blocks import weight_shape
 from smt_dist.core.config import SMTConfig
 from smt_dist.core.layer import SparseLinear
+from smt_dist.core.quantized import dequantized, error_bounds, float_dtype, quantization
 from smt_dist.core.selection import BlockSelection
 from smt_dist.core.surgery import apply_smt, selection_of, smt_modules
 from smt_dist.distributed import rank
@@ -49,10 +50,28 @@ def base_fingerprint(model: nn.Module, names: list[str]) -> dict[str, dict[str, 
     """
     prints = {}
     for name in names:
-        weight = _base_weight(model, name)
+        layer = _base_layer(model, name)
+        weight = layer.weight
         shape = weight_shape(weight)
-        samples = read_elements(weight, _sample_positions(shape))
-        prints[name] = {"shape": list(shape), "dtype": dtype_name(weight.dtype), "samples": samples.tolist()}
+        positions = _sample_positions(shape)
+        kind = quantization(layer)
+        if kind is None:
+            samples = read_elements(weight, positions)
+            prints[name] = {
+                "shape": list(shape),
+                "dtype": dtype_name(weight.dtype),
+                "samples": samples.tolist(),
+            }
+            continue
+        # A quantized base: its dequantized values, each with how far the float base may lie.
+        values = dequantized(layer)
+        prints[name] = {
+            "shape": list(shape),
+            "dtype": dtype_name(float_dtype(layer)),
+            "samples": read_elements(values, positions).tolist(),
+            "quantized": kind,
+            "error_bounds": error_bounds(layer, values, positions).tolist(),
+        }
     return prints
 
 
@@ -206,10 +225,25 @@ def _check_meta(meta: dict[str, Any], file: Path) -> None:
             or not isinstance(entry.get("samples"), list)
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in entry["samples"])
             or entry.get("dtype", "float32") not in FLOAT_DTYPES
+            or not _bounds_fit(entry)
         ):
             raise ValueError(f"{file}: base_fingerprint['{name}'] is malformed.")
     if prints and set(prints) != set(modules):
         raise ValueError(f"{file}: base_fingerprint does not cover every module of the adapter.")
+
+
+def _bounds_fit(entry: dict) -> bool:
+    """A quantized base's ``error_bounds``, where present: one finite number >= 0 per sample."""
+    if "error_bounds" not in entry:
+        return True
+    bounds = entry["error_bounds"]
+    return (
+        isinstance(bounds, list)
+        and len(bounds) == len(entry["samples"])
+        and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf") for v in bounds
+        )
+    )
 
 
 def load_smt_adapter(model: nn.Module, path: str | os.PathLike, *, check_base: bool = True) -> nn.Module:
@@ -255,7 +289,7 @@ def _check_base(model: nn.Module, fingerprint: dict[str, Any], path: str | os.Pa
     names = sorted(fingerprint)
     for name in names:
         try:
-            _base_weight(model, name)
+            _base_layer(model, name)
         except ValueError as err:
             raise ValueError(f"The adapter at {path} targets '{name}': {err}") from err
     check_fingerprint(fingerprint, base_fingerprint(model, names), path)
@@ -266,8 +300,10 @@ def check_fingerprint(
 ) -> None:
     """Raise ``ValueError`` unless a base's fingerprint matches the one the adapter recorded.
 
-    Samples are compared exactly after rounding both sides to the coarser dtype of the two.
-    ``adapter`` names the adapter in the message (default: "The adapter at <path>").
+    Samples are compared exactly after rounding both sides to the coarser dtype of the two; a
+    side read from a quantized base allows each sample its quantization's error bound, so a
+    different model is told apart but a slightly changed one may pass. ``adapter`` names the
+    adapter in the message (default: "The adapter at <path>").
     """
     who = adapter or f"The adapter at {path}"
     for name in sorted(expected):
@@ -282,13 +318,17 @@ def check_fingerprint(
             torch.tensor(entry["samples"], dtype=torch.float64).to(coarse)
             for entry in (expected[name], found[name])
         )
-        if len(a) != len(b) or not torch.equal(a, b):
+        slack = sum(
+            torch.tensor(entry.get("error_bounds", [0.0] * len(a)), dtype=torch.float64)
+            for entry in (expected[name], found[name])
+        )
+        if len(a) != len(b) or not bool(((a.double() - b.double()).abs() <= slack).all()):
             raise ValueError(
                 f"{who} was trained on another base: the weights of '{name}' do not match its fingerprint."
             )
 
 
-def _base_weight(model: nn.Module, name: str) -> torch.Tensor:
+def _base_layer(model: nn.Module, name: str) -> nn.Module:
     try:
         module = model.get_submodule(name)
     except AttributeError as err:
@@ -297,4 +337,4 @@ def _base_weight(model: nn.Module, name: str) -> torch.Tensor:
         module = module.get_base_layer()
     if not isinstance(module, (nn.Linear, SparseLinear)):
         raise ValueError(f"module '{name}' is a {type(module).__name__}, not a linear layer.")
-    return module.weight
+    return module

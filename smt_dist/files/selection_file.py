@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from smt_dist.core.blocks import weight_shape
 from smt_dist.core.config import SMTConfig
 from smt_dist.core.layer import SparseLinear
 from smt_dist.core.selection import BlockSelection
@@ -39,7 +40,7 @@ def read_selection(path: Path, model: torch.nn.Module, config: SMTConfig) -> Blo
             raise ValueError(f"{path} names module '{name}', which this model lacks.") from err
         if not isinstance(module, torch.nn.Linear):
             raise ValueError(f"{path} names module '{name}', which is not an nn.Linear.")
-        SparseLinear.check_index(index, module.weight.shape, config.block_size, name=name)
+        SparseLinear.check_index(index, weight_shape(module.weight), config.block_size, name=name)
     return selection
 
 

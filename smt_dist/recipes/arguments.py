@@ -18,6 +18,7 @@ from transformers import HfArgumentParser
 from smt_dist.core.config import SCORES, SMTConfig
 from smt_dist.engines import BACKENDS
 from smt_dist.files.jsonfile import read_json
+from smt_dist.files.quantization import Quantization, quantization_from_options
 from smt_dist.recipes.formats import FORMATS
 from smt_dist.recipes.reporting import parse_report_to
 
@@ -144,6 +145,27 @@ class TrainArguments:
     fsdp_cpu_offload: bool = field(
         default=False, metadata={"help": "FSDP2: keep sharded parameters in host memory."}
     )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={
+            "help": "Load the frozen base in 4 bits (bitsandbytes, QLoRA's base); the blocks stay float."
+        },
+    )
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "With --load_in_4bit: nf4 or fp4."})
+    bnb_4bit_compute_dtype: str | None = field(
+        default=None,
+        metadata={"help": "With --load_in_4bit: float32, bfloat16 or float16 (default: the job's dtype)."},
+    )
+    bnb_4bit_use_double_quant: bool = field(
+        default=False, metadata={"help": "With --load_in_4bit: quantize the quantization scales too."}
+    )
+    load_in_8bit: bool = field(
+        default=False, metadata={"help": "Load the frozen base in 8 bits (bitsandbytes LLM.int8)."}
+    )
+    torchao: str | None = field(
+        default=None,
+        metadata={"help": "int8: load the frozen base with torchao's int8 weight-only quantization."},
+    )
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher."})
     smt_block_size: int = field(default=16, metadata={"help": "Block side l (paper: 256)."})
     smt_target_modules: str = field(
@@ -217,6 +239,18 @@ class TrainArguments:
             raise ValueError("--backend deepspeed and --deepspeed CONFIG go together; give both or neither.")
         parse_report_to(self.report_to)  # each tool named and installed
         self.smt_config()  # raises ValueError naming the field for a bad SMT option
+        self.quantization()  # one way of quantizing, its library installed
+
+    def quantization(self) -> Quantization | None:
+        """How the frozen base is quantized as it loads (``None``: not at all)."""
+        return quantization_from_options(
+            load_in_4bit=self.load_in_4bit,
+            load_in_8bit=self.load_in_8bit,
+            torchao=self.torchao,
+            quant_type=self.bnb_4bit_quant_type,
+            compute_dtype=self.bnb_4bit_compute_dtype,
+            double_quant=self.bnb_4bit_use_double_quant,
+        )
 
     def smt_config(self) -> SMTConfig:
         """The SMT part of the arguments as a validated config."""

@@ -39,14 +39,23 @@ from typing import Any
 
 import torch
 
+from smt_dist.core.blocks import weight_shape
+from smt_dist.core.quantized import dequantized, quantization
 from smt_dist.core.selection import BlockSelection, budget_in_blocks, check_budget_fits
 from smt_dist.core.surgery import count_parameters, find_targets
 from smt_dist.distributed import all_finite, check_ranks_agree, rank, world_size
 from smt_dist.distributed.launch import leave_process_group
 from smt_dist.distributed.params import local_data
 from smt_dist.engines import backend_class
-from smt_dist.files.adapter import base_fingerprint, check_fingerprint, read_smt_adapter, save_smt_adapter
+from smt_dist.files.adapter import (
+    base_fingerprint,
+    check_fingerprint,
+    checkpoint_fingerprint,
+    read_smt_adapter,
+    save_smt_adapter,
+)
 from smt_dist.files.atomic import write_json
+from smt_dist.files.base_checkpoint import SafetensorsCheckpoint
 from smt_dist.files.merge import merge_checkpoint
 from smt_dist.files.model_dir import check_vocabulary, check_weights, empty_model
 from smt_dist.files.selection_file import adapter_selection, read_selection, write_selection
@@ -180,7 +189,9 @@ class SMTRecipe:
         targets = find_targets(model, self.smt_config)  # checks block size against every target
         if self.args.smt_selection:
             return read_selection(Path(self.args.smt_selection), model, self.smt_config)
-        total_blocks = sum(t.weight.numel() for t in targets.values()) // self.smt_config.block_size**2
+        total_blocks = (
+            sum(weight_shape(t.weight).numel() for t in targets.values()) // self.smt_config.block_size**2
+        )
         budget = budget_in_blocks(self.smt_config, total_params=count_parameters(model))
         check_budget_fits(budget, available=total_blocks, modules=len(targets))
         return None
@@ -263,8 +274,15 @@ class SMTRecipe:
         log.info("selection: %s", self.selection.summary(self.smt_config))
 
     def check_finite_base(self) -> None:
-        """Refuse a base with NaN or infinite weights (each rank checks what it holds)."""
-        if not all_finite([local_data(p) for p in self.backend.module.parameters()]):
+        """Refuse a base with NaN or infinite weights (each rank checks what it holds; a
+        quantized layer, the weight it computes with)."""
+        model = self.backend.module
+        quantized = [
+            m for m in model.modules() if quantization(m) is not None and not hasattr(m, "base_layer")
+        ]
+        packed = {id(m.weight) for m in quantized}
+        tensors = [local_data(p) for p in model.parameters() if id(p) not in packed]
+        if not all_finite(tensors + [dequantized(m) for m in quantized]):
             raise ValueError(
                 f"The weights in {self.args.model_dir} hold NaN or infinity; SMT cannot train on them."
             )
@@ -277,7 +295,12 @@ class SMTRecipe:
             self.backend.build(self.selection, lr_lambda=lr_lambda(self.args, self.total_steps))
             if loaded_here and self.scores is None:
                 self.check_finite_base()
-            self.fingerprint = base_fingerprint(self.backend.module, sorted(self.selection.blocks))
+            names = sorted(self.selection.blocks)
+            self.fingerprint = (
+                base_fingerprint(self.backend.module, names)
+                if self.backend.quantization is None  # a quantized base: the float weights it came from
+                else checkpoint_fingerprint(SafetensorsCheckpoint(self.args.model_dir), names)
+            )
             frozen = count_parameters(self.backend.module) - self.selection.num_parameters
         check_ranks_agree({"the base weights (fingerprint)": repr(self.fingerprint)})
         self.start_step = 0

@@ -385,6 +385,27 @@ BAD_INPUTS = {
         ],
         r"t.jinja is not a Jinja chat template",
     ),
+    "two quantizations": (
+        lambda d: ["--load_in_4bit", "--load_in_8bit"],
+        "Give one way of quantizing the base, not --load_in_4bit and --load_in_8bit",
+    ),
+    "a 4-bit option without 4 bits": (
+        lambda d: ["--bnb_4bit_quant_type", "fp4"],
+        r"The --bnb_4bit_\* options need --load_in_4bit",
+    ),
+    "torchao int4": (lambda d: ["--torchao", "int4"], r"--torchao must be int8 \(int4 needs CUDA\)"),
+    "4-bit under zero-3": (
+        lambda d: [
+            "--load_in_4bit",
+            "--deepspeed",
+            write(d / "z3.json", '{"zero_optimization": {"stage": 3}}'),
+        ],
+        r"A quantized base \(4-bit nf4\) cannot be partitioned by ZeRO-3 .* use ZeRO-1/2",
+    ),
+    "8-bit under fsdp2": (
+        lambda d: ["--load_in_8bit", "--backend", "fsdp"],
+        r"A quantized base \(8-bit\) cannot be sharded by FSDP2",
+    ),
     "unknown format": (
         lambda d: ["--dataset_format", "yaml"],
         "--dataset_format must be auto or one of alpaca",

@@ -156,6 +156,11 @@ MALFORMED = {
         None,
         r"base_fingerprint\['.*'\] is malformed",
     ),
+    "negative error bounds": (
+        lambda m: m["base_fingerprint"][_first(m["base_fingerprint"])].update(error_bounds=[-1.0] * 64),
+        None,
+        r"base_fingerprint\['.*'\] is malformed",
+    ),
     "float block_index": (
         None,
         lambda t: t.update({k: v.float() for k, v in t.items() if k.endswith(".block_index")}),
@@ -212,3 +217,39 @@ def test_a_slightly_perturbed_base_is_refused(saved, relative):
             param.mul_(1 + relative * torch.randn(param.shape, generator=generator).sign())
     with pytest.raises(ValueError, match="do not match its fingerprint"):
         load_smt_adapter(perturbed, path)
+
+
+def _quantized_copy(model):
+    """``model`` with its decoder linears in 4-bit NF4, as ``load_in_4bit`` loads them."""
+    bnb = pytest.importorskip("bitsandbytes")
+    for name, module in list(model.named_modules()):
+        if name.startswith("model.layers") and type(module) is torch.nn.Linear:
+            quantized = bnb.nn.Linear4bit(
+                module.in_features, module.out_features, bias=module.bias is not None,
+                compute_dtype=torch.float32, quant_type="nf4",
+            )  # fmt: skip
+            quantized.load_state_dict(module.state_dict())
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, quantized.to("cpu"))
+    return model
+
+
+def test_an_adapter_of_the_float_base_loads_onto_its_4bit_copy_but_not_onto_another_base(saved):
+    """A quantized base allows each sample its quantization's error bound: its own float base
+    passes, and so does a 4-bit copy of it; an unrelated base differs by far more than the bound."""
+    _, path = saved
+    load_smt_adapter(_quantized_copy(tiny_causal_lm("llama")), path)
+    with pytest.raises(ValueError, match="do not match its fingerprint"):
+        load_smt_adapter(_quantized_copy(tiny_causal_lm("llama", seed=1)), path)
+
+
+def test_an_adapter_saved_on_a_4bit_base_records_its_bounds_and_matches_the_float_base(tmp_path):
+    model = _quantized_copy(tiny_causal_lm("llama"))
+    apply_smt(model, select_blocks(collect_block_scores(model, lm_batches(2), CONFIG), CONFIG), CONFIG)
+    path = save_smt_adapter(model, tmp_path / "adapter", config=CONFIG)
+    prints = json.loads((path / "smt_adapter.json").read_text())["base_fingerprint"]
+    assert {entry["quantized"] for entry in prints.values()} == {"nf4"}
+    assert all(len(e["error_bounds"]) == len(e["samples"]) for e in prints.values())
+    load_smt_adapter(tiny_causal_lm("llama"), path)
+    with pytest.raises(ValueError, match="do not match its fingerprint"):
+        load_smt_adapter(tiny_causal_lm("llama", seed=1), path)

@@ -342,3 +342,31 @@ def test_add_adapter_checks_the_base_too():
     model = get_peft_model(base, first)
     with pytest.raises(ValueError, match=r"This SMT adapter \(made for .*\) was trained on another base"):
         model.add_adapter("other", other)
+
+
+def shipped_in_4bit():
+    from transformers import BitsAndBytesConfig
+
+    pytest.importorskip("bitsandbytes")
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(
+        MODEL, dtype=torch.float32, device_map={"": "cpu"}, quantization_config=quantization
+    )
+
+
+def test_on_a_4bit_base_the_peft_path_equals_apply_smt_bit_for_bit_and_refuses_to_merge_in_place():
+    """QLoRA's setting: a frozen NF4 base. Both paths add the same block products to the base's
+    own output (add_block_products), so they agree bit for bit, and the loss falls."""
+    model = get_peft_model(
+        shipped_in_4bit(), preprocess_smt(shipped_in_4bit(), SMTPeftConfig(**OPTIONS), batches(4))
+    )
+    peft_losses = train(model, [p for p in model.parameters() if p.requires_grad], 10)
+    own = shipped_in_4bit()
+    selection, _ = choose_blocks(own, batches(4), SMTConfig(**OPTIONS))
+    apply_smt(own, selection, SMTConfig(**OPTIONS))
+    own_losses = train(own, [p for p in own.parameters() if p.requires_grad], 10)
+    assert peft_losses == own_losses and own_losses[-1] < own_losses[0]
+    theirs = peft_blocks(model)
+    assert all(torch.equal(m.blocks.detach(), theirs[name]) for name, m in smt_modules(own).items())
+    with pytest.raises(ValueError, match=r"Cannot merge SMT blocks into a quantized weight \(fp4\) in place"):
+        model.merge_and_unload()

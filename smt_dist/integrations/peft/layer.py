@@ -7,8 +7,9 @@ their parameters when the module runs. The forward is SMT's own autograd:
 
 - over a plain, whole ``nn.Linear`` it is ``SparseLinear``'s (``sparse_linear``), so a peft
   model computes exactly what ``apply_smt`` makes, bit for bit;
-- over anything else (a weight ZeRO-3 partitioned, a layer of another type) the base layer runs
-  its own forward and the blocks' products are added to its output (``add_block_products``).
+- over anything else (a weight ZeRO-3 partitioned, a quantized layer of bitsandbytes or torchao,
+  a layer of another type) the base layer runs its own forward and the blocks' products are added
+  to its output (``add_block_products``).
 
 Merging adds the blocks into the base weight and keeps the base's values under them, so
 ``unmerge`` restores the base bit for bit.
@@ -23,7 +24,14 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from smt_dist.core.blocks import gather_blocks, scatter_blocks, weight_shape
-from smt_dist.core.layer import SparseLinear, add_block_products, register_derived_index, sparse_linear
+from smt_dist.core.layer import (
+    SparseLinear,
+    add_block_products,
+    is_plain_linear,
+    register_derived_index,
+    sparse_linear,
+)
+from smt_dist.core.quantized import float_dtype, keep_layout, quantization
 
 
 class SMTBlocks(nn.Module):
@@ -41,9 +49,8 @@ class SMTBlocks(nn.Module):
         self.register_load_state_dict_post_hook(lambda module, _: register_derived_index(module))
 
     def forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        weight = getattr(base_layer, "weight", None)
-        if type(base_layer) is nn.Linear and not hasattr(weight, "ds_id"):
-            return sparse_linear(x, weight, base_layer.bias, self, save_input=False)
+        if is_plain_linear(base_layer) and not hasattr(base_layer.weight, "ds_id"):
+            return sparse_linear(x, base_layer.weight, base_layer.bias, self, save_input=False)
         return add_block_products(x, base_layer(x), self)
 
     def delta(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -65,6 +72,7 @@ class SMTLayer(nn.Module, BaseTunerLayer):
         self, base_layer: nn.Module, adapter_name: str, block_index: torch.Tensor, block_size: int
     ) -> None:
         super().__init__()
+        keep_layout(base_layer)
         self.base_layer = base_layer
         self.smt_blocks = nn.ModuleDict()
         self._merged_base: dict[str, torch.Tensor] = {}  # per merged adapter: the base under its blocks
@@ -78,7 +86,7 @@ class SMTLayer(nn.Module, BaseTunerLayer):
         """Add an adapter's blocks (zero) at ``block_index``, checked against this layer's grid."""
         weight = self.get_base_layer().weight
         index = SparseLinear.check_index(block_index, weight_shape(weight), block_size, name=adapter_name)
-        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        dtype = float_dtype(self.get_base_layer())
         device = "cpu" if weight.device.type == "meta" else weight.device
         self.smt_blocks[adapter_name] = SMTBlocks(index, block_size, dtype=dtype, device=device)
         self.set_adapter(self.active_adapters)
@@ -99,11 +107,18 @@ class SMTLayer(nn.Module, BaseTunerLayer):
         return y
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        weight = self.get_base_layer().weight
-        return self.smt_blocks[adapter_name].delta(weight.shape, weight.dtype)
+        base = self.get_base_layer()
+        return self.smt_blocks[adapter_name].delta(weight_shape(base.weight), float_dtype(base))
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the adapters' blocks into the base weight (``W + D``), keeping the values under them."""
+        kind = quantization(self.get_base_layer())
+        if kind is not None:
+            raise ValueError(
+                f"Cannot merge SMT blocks into a quantized weight ({kind}) in place; merge into the "
+                "original float checkpoint with python -m smt_dist.merge, or call "
+                "smt_dist.merge_smt on the SMT model for dense dequantized(W) + D layers."
+            )
         for name in check_adapters_to_merge(self, adapter_names):
             if name not in self.smt_blocks:
                 continue

@@ -15,6 +15,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from smt_dist.core.blocks import weight_shape
+from smt_dist.core.quantized import keep_layout
 from smt_dist.distributed.params import full_value, is_partitioned
 from smt_dist.files.adapter import base_fingerprint, check_fingerprint
 from smt_dist.integrations.peft.config import SMTPeftConfig
@@ -33,6 +34,7 @@ class SMTTuner(BaseTuner):
         ``from_pretrained``, ``add_adapter``, ``load_adapter``): the config selects blocks, every
         selected module exists with a grid its blocks fit, and the base is the adapter's."""
         peft_config.selection()  # a sentence when preprocess_smt has not run
+        keep_layout(self.model)  # 4-bit layers, tuned or not, keep computing what they computed
         linears = {
             name: weight_shape(
                 module.get_base_layer().weight if isinstance(module, SMTLayer) else module.weight

@@ -338,10 +338,93 @@ def job_phase_table(
     return "\n".join(rows)
 
 
+# ---- a 4-bit base on one GPU (QLoRA's setting; --load_in_4bit) ----------------------------------
+
+# Bytes per decoder-linear weight in NF4: 4 bits plus one fp32 scale per 64 weights (4.5 bits);
+# with double quantization the scales are 8-bit in blocks of 256 with fp32 scales of their own
+# (Dettmers et al. 2023: 0.127 bits of scales per weight).
+NF4_BYTES = {False: 4.5 / 8, True: (4 + 0.127) / 8}
+GPU_SIZES_GIB = (24, 48, 80)
+GPU_HEADROOM = 0.9  # the CUDA context, the allocator's fragmentation and kernels' workspaces
+
+
+def four_bit_memory(
+    shape: Shape,
+    method: str,
+    *,
+    tokens: int = 4096,
+    fraction: float = 0.01,
+    checkpointing: bool = False,
+    double_quant: bool = True,
+) -> dict[str, float]:
+    """GiB on one GPU with the decoder's linears in NF4 (embeddings and LM head bf16), for
+    ``smt`` or ``lora`` (QLoRA) at the same trainable count, as ``job_phase_memory`` counts them:
+    16 bytes per trainable parameter (bf16 value and gradient, fp32 AdamW master and moments),
+    the activations of ``activation_bytes_per_token``, the fp32 logits and their gradient, and
+    one layer's widest weight dequantized to bf16 at a time. SMT's warm-up (``mean_abs``) keeps
+    each target's whole input and no trainable state; ``peak`` is the larger of it and training."""
+    rank = lora_rank_for(shape, fraction)
+    decoder = shape.linear_params - shape.vocab * shape.hidden
+    base = (
+        NF4_BYTES[double_quant] * decoder + 2 * 2 * shape.vocab * shape.hidden + 2 * shape.hidden * shape.mlp
+    )
+    logits = 8 * shape.vocab * tokens
+    acts = activation_bytes_per_token(
+        shape, method, fraction=fraction, rank=rank, checkpointing=checkpointing
+    )
+    parts = {
+        "weights": base,
+        "trainable": 16 * trainable(shape, method, fraction=fraction, rank=rank),
+        "activations": tokens * acts + logits,
+    }
+    parts["train"] = sum(parts.values())
+    parts["warmup"] = 0.0
+    if method == "smt":
+        warm = activation_bytes_per_token(
+            shape, "smt", fraction=fraction, checkpointing=checkpointing, kept=2.0
+        )
+        parts["warmup"] = base + tokens * warm + logits
+    parts["peak"] = max(parts["train"], parts["warmup"])
+    return {k: v / GIB for k, v in parts.items()}
+
+
+def four_bit_table(shapes: list[Shape], *, tokens: int = 4096, fraction: float = 0.01) -> str:
+    """Markdown: each shape and method with a 4-bit base on one GPU, and which GPU sizes it fits."""
+    rows = [
+        f"One GPU, NF4 base with double quantization (embeddings and LM head bf16), {tokens} tokens per "
+        f"micro-batch, SMT at {fraction:.0%} and QLoRA on q, k, v at the same trainable count; fits: peak "
+        f"at most {GPU_HEADROOM:.0%} of the GPU",
+        "",
+        "| model | checkpointing | method | weights | trainable + Adam | activations + logits | warm-up | train "
+        "| peak GiB | fits |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for shape in shapes:
+        for checkpointing in (False, True):
+            for method in ("lora", "smt"):
+                m = four_bit_memory(
+                    shape, method, tokens=tokens, fraction=fraction, checkpointing=checkpointing
+                )
+                fits = ", ".join(
+                    f"{g} GB" for g in GPU_SIZES_GIB if m["peak"] <= GPU_HEADROOM * g * 1e9 / GIB
+                )
+                warm = f"{m['warmup']:.1f}" if method == "smt" else "-"
+                rows.append(
+                    f"| {shape.name} | {'on' if checkpointing else 'off'} | {'QLoRA' if method == 'lora' else 'SMT'} "
+                    f"| {m['weights']:.1f} | {m['trainable']:.2f} | {m['activations']:.1f} | {warm} "
+                    f"| {m['train']:.1f} | {m['peak']:.1f} | {fits or 'none'} |"
+                )
+    return "\n".join(rows)
+
+
 def main() -> None:
     for key in ("7b", "13b"):
         print(memory_table(SHAPES[key]))
         print()
+    print(four_bit_table([SHAPES["13b"], SHAPES["70b"]]))
+    print()
+    print(four_bit_table([SHAPES["13b"], SHAPES["70b"]], tokens=1024))
+    print()
     for key in ("13b", "70b"):
         print(job_phase_table(SHAPES[key]))
         print()

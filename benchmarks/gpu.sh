@@ -13,7 +13,8 @@
 #   3. versus.py on 1 GPU, 7B: SMT-1% against LoRA at the same count, ZeRO-2 and FSDP2;
 #   4. scale_memory.py --device cuda, 1B, ZeRO-3 offload and FSDP2 offload: each phase's CUDA
 #      peak as a fraction of the model's bytes;
-#   5. summary.md: the figures, and the analytic model's prediction beside each measured peak.
+#   5. quantized.py: SMT against QLoRA on the same NF4 base; on CUDA, the quantized layer's tests;
+#   6. summary.md: the figures, and the analytic model's prediction beside each measured peak.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash benchmarks/gpu.sh OUT [--dry-run]}
@@ -64,5 +65,10 @@ step versus 120 "$PYTHON" benchmarks/versus.py --size "$VERSUS" --world 1 --devi
 step scale_memory 120 "$PYTHON" benchmarks/scale_memory.py --sizes "$SCALE" --world 1 --device "$DEVICE" $PRECISION \
     --configs zero3_offload,fsdp_offload --models_dir "$OUT/models" --out "$OUT/scale_memory.json"
 rm -rf "$OUT/models"  # gigabytes of random weights; the figures are in the JSON
+# A 4-bit base: SMT against QLoRA on bitsandbytes' CUDA kernels, and the layer against its dense
+# reference there (on the CPU the same test runs the CPU kernels and skips its CUDA case).
+step quantized 120 "$PYTHON" benchmarks/quantized.py --size "$SMALL" --device "$DEVICE" $PRECISION --rounds 1 \
+    "${QUICK[@]}" --skip-selection --skip-accuracy --json "$OUT/quantized.json"
+[[ "$DEVICE" == cuda ]] && step quantized_layer 120 "$PYTHON" -m pytest -q -m gpu tests/core/test_quantized.py
 "$PYTHON" benchmarks/gpu_report.py report "$OUT" > /dev/null && echo "wrote $OUT/summary.md"
 exit $((failed > 0))

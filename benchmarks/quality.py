@@ -50,6 +50,8 @@ import torch
 
 from smt_dist import BlockSelection, SMTConfig, apply_smt, choose_blocks, find_targets
 from smt_dist.core.blocks import block_grid, weight_shape
+from smt_dist.core.quantized import keep_layout
+from smt_dist.core.surgery import count_parameters
 from smt_dist.files.atomic import write_json
 from smt_dist.files.jsonfile import read_json
 from smt_dist.recipes.data import collate, load_tokenizer, read_records, tokenize_records
@@ -59,7 +61,7 @@ REPO = Path(__file__).resolve().parent.parent
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")  # LLM-Adapters' LoRA targets for LLaMA
 TABLE6 = {"smt_q": "q_proj", "smt_k": "k_proj", "smt_v": "v_proj", "smt_qkv": "q_proj,k_proj,v_proj"}
 BLOCK = 16
-SETTINGS = ("model", "data", "eval_dir", "steps", "batch", "warmup_steps", "limit", "block")
+SETTINGS = ("model", "data", "eval_dir", "steps", "batch", "warmup_steps", "limit", "block", "load_in_4bit")
 
 
 def main() -> None:
@@ -90,6 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--table6_percent", type=float, default=0.86)
     parser.add_argument("--limit", type=int, default=0, help="Score only the first N records per split.")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--load_in_4bit", action="store_true", help="The base in NF4 (bitsandbytes), as QLoRA loads it."
+    )
     parser.add_argument("--restart", action="store_true", help="Start a new file when settings differ.")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "quality.json"))
     args = parser.parse_args(argv)
@@ -117,7 +122,7 @@ class Study:
             for task in self.tasks
             for split in ("val", "test")
         }
-        self.total = sum(p.numel() for p in self.load_model().parameters())
+        self.total = count_parameters(self.load_model())  # 4-bit weights at their full size
         self.chosen_lr: dict[str, float] = {}
 
     def _load_state(self) -> dict:
@@ -218,9 +223,18 @@ class Study:
         return run
 
     def load_model(self):
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        return AutoModelForCausalLM.from_pretrained(self.args.model, dtype=torch.float32)
+        if not self.args.load_in_4bit:
+            return AutoModelForCausalLM.from_pretrained(self.args.model, dtype=torch.float32)
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            self.args.model, dtype=torch.float32, device_map={"": "cpu"}, quantization_config=quantization
+        )
+        keep_layout(model)  # generation runs in eval mode: every method keeps the same base
+        return model
 
     def batches(self, seed: int) -> list[dict]:
         """``--steps`` micro-batches of ``--batch`` examples, in the seed's order."""

@@ -57,8 +57,8 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Total parameters, counting ZeRO-3 partitioned parameters at their full size."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    """Total parameters, counting ZeRO-3 partitioned and 4-bit packed weights at their full size."""
+    return sum(getattr(p, "ds_numel", weight_shape(p).numel()) for p in model.parameters())
 
 
 def smt_modules(model: nn.Module) -> dict[str, SparseLinear]:

@@ -153,6 +153,21 @@ def test_analytic_job_phases_partition_and_checkpointing_help():
         assert per_gpu[engine]["train"] < without["train"], engine
 
 
+def test_analytic_four_bit_base_is_a_quarter_of_bf16_and_70b_fits_one_80gb_gpu_with_checkpointing():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from analytic import SHAPES, four_bit_memory
+
+    shape = SHAPES["70b"]
+    bf16 = 2 * shape.total_params / 2**30
+    smt = four_bit_memory(shape, "smt", checkpointing=True)
+    assert 0.25 < smt["weights"] / bf16 < 0.3  # 4.13 bits a decoder weight, embeddings in bf16
+    assert smt["peak"] == max(smt["warmup"], smt["train"])
+    lora = four_bit_memory(shape, "lora", checkpointing=True)
+    assert smt["trainable"] == pytest.approx(lora["trainable"], rel=0.01)  # the same trainable count
+    assert 43 < smt["peak"] < 0.9 * 80e9 / 2**30  # over 48 GB's 90%, under 80 GB's
+    assert four_bit_memory(shape, "smt", checkpointing=False)["peak"] > smt["peak"]
+
+
 @pytest.mark.parametrize(
     "tables",
     tiered(
@@ -275,3 +290,23 @@ def test_the_gpu_script_stops_at_once_without_cuda(tmp_path):
     assert done.returncode == 2
     assert "torch sees no CUDA device" in done.stderr
     assert list(tmp_path.iterdir()) == []  # nothing ran
+
+
+def test_the_quantized_benchmark_matches_qlora_s_count_and_its_ratios_hold(tmp_path):
+    out = tmp_path / "quantized.json"
+    run("quantized.py", "--size", "tiny", "--rounds", "1", "--steps", "1", "--warmup-steps", "0",
+        "--smt-warmup", "1", "--seq", "64", "--threads", "1", "--selection-models", "tiny-llama",
+        "--limit", "2", "--accuracy-steps", "2", "--json", str(out))  # fmt: skip
+    report = json.loads(out.read_text())
+    speed = report["speed_and_memory"]
+    assert speed["smt-nf4"]["trainable"] == speed["qlora-nf4"]["trainable"]  # the tiny shape matches exactly
+    for key, value in speed["smt_over_qlora"].items():
+        assert value == pytest.approx(speed["smt-nf4"][key] / speed["qlora-nf4"][key]), key
+    assert speed["nf4_over_fp32_smt"]["train_peak_mib"] == pytest.approx(
+        speed["smt-nf4"]["train_peak_mib"] / speed["smt-fp32"]["train_peak_mib"]
+    )
+    jaccard = report["selection_jaccard"]["tiny-llama"]
+    assert set(jaccard) == {f"{k} {p}%" for k in ("nf4", "fp4", "int8") for p in (1, 5)}
+    assert all(0.0 <= v <= 1.0 for v in jaccard.values()) and jaccard["int8 5%"] > 0.5  # int8 barely moves it
+    methods = {r["method"] for r in report["accuracy"].values()}
+    assert methods == {"base", "lora", "smt"}

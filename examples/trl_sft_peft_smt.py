@@ -3,6 +3,7 @@
 
     torchrun --nproc_per_node 2 examples/trl_sft_peft_smt.py --deepspeed configs/zero3_smt.json --output_dir runs/trl
     torchrun --nproc_per_node 2 examples/trl_sft_peft_smt.py --deepspeed configs/zero2_smt.json --output_dir runs/trl
+    torchrun --nproc_per_node 2 examples/trl_sft_peft_smt.py --load_in_4bit --output_dir runs/qsmt   # QLoRA's base
 
 The lines SMT changes are marked ``# SMT``: ``SMTPeftConfig`` in place of ``LoraConfig``, and
 ``preprocess_smt`` (the warm-up that picks the blocks) before the trainer is built. Everything
@@ -41,6 +42,7 @@ def main() -> None:
     parser.add_argument("--model", default=str(ROOT / "models" / "tiny-llama"))
     parser.add_argument("--data", default=str(ROOT / "data" / "tiny_instruct.jsonl"))
     parser.add_argument("--max_steps", type=int, default=6)
+    parser.add_argument("--load_in_4bit", action="store_true", help="QLoRA's base: NF4 (bitsandbytes)")
     args = parser.parse_args()
 
     training_args = SFTConfig(
@@ -64,7 +66,18 @@ def main() -> None:
         # that ZeRO-3's partitioned load below sees the whole world.
         deepspeed.init_distributed(dist_backend="gloo")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model)
+    quantization = {}
+    if args.load_in_4bit:  # exactly as for QLoRA
+        from transformers import BitsAndBytesConfig
+
+        device = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else {"": "cpu"}
+        quantization = dict(
+            device_map=device,
+            quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+            ),
+        )
+    model = AutoModelForCausalLM.from_pretrained(args.model, **quantization)
     records = read_records(args.data)
     dataset = Dataset.from_list([{"prompt": format_prompt(r), "completion": r["output"]} for r in records])
 

@@ -60,3 +60,39 @@ def test_sft_trainer_with_smt_peft_config_saves_an_adapter_peft_loads(zero, tmp_
     # fp32 on both sides; W + D in one product against the engine's base and block products
     torch.testing.assert_close(got, probe["logits"], rtol=1e-4, atol=1e-4)
     assert (before - probe["logits"]).abs().amax() > 1e-2  # training moved the model
+
+
+def test_sft_trainer_trains_smt_on_a_4bit_base_as_it_trains_qlora(tmp_path):
+    """QLoRA's script with SMTPeftConfig in place of LoraConfig: the base in NF4 on 2 DDP ranks;
+    the saved adapter, loaded by peft onto the same 4-bit base, computes what trained."""
+    pytest.importorskip("bitsandbytes")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    import smt_dist.peft  # noqa: F401  # registers the method
+
+    command = [
+        "torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        str(REPO / "examples" / "trl_sft_peft_smt.py"), "--load_in_4bit", "--output_dir", str(tmp_path),
+    ]  # fmt: skip
+    result = run_command(command, cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    def base():
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        )
+        return AutoModelForCausalLM.from_pretrained(
+            MODEL, device_map={"": "cpu"}, quantization_config=quantization
+        )
+
+    probe = load_file(tmp_path / "probe_logits.safetensors")
+    model = PeftModel.from_pretrained(base(), tmp_path / "final")
+    with torch.no_grad():
+        got = model(input_ids=probe["input_ids"]).logits
+        before = base()(input_ids=probe["input_ids"]).logits
+    # The same 4-bit base and blocks, the same fp32 ops in one process instead of DDP's ranks.
+    torch.testing.assert_close(got, probe["logits"], rtol=1e-4, atol=1e-4)
+    assert (before - probe["logits"]).abs().amax() > 1e-2  # training moved the model
+    with pytest.raises(ValueError, match="Cannot merge SMT blocks into a quantized weight"):
+        model.merge_and_unload()

@@ -8,6 +8,7 @@ layers. Works on Hugging Face decoder models and on any ``nn.Module`` tree.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 from smt_dist.core.blocks import block_grid, weight_shape
 from smt_dist.core.config import SMTConfig, name_matches
 from smt_dist.core.layer import SparseLinear
-from smt_dist.core.quantized import keep_layout
+from smt_dist.core.quantized import keep_layout, quantization
 from smt_dist.core.selection import BlockSelection
 
 
@@ -164,11 +165,22 @@ def merge_smt(
     """Replace every ``SparseLinear`` by a frozen ``nn.Linear`` holding ``W + D``, in place.
 
     The merged weights are new tensors; the base weights are not written. Returns the model.
+    Over a quantized base the merged layers hold dequantized ``W`` plus ``D`` (a warning says so).
     ``full_value(param)`` gives a partitioned parameter's whole value (``None`` for one that is
     whole already); ``smt_dist.merge_smt`` passes the gathering one, so this stays free of any
     engine.
     """
-    for name, sparse in smt_modules(model).items():
+    modules = smt_modules(model)
+    quantized = sorted({kind for m in modules.values() if (kind := quantization(m)) is not None})
+    if quantized:
+        warnings.warn(
+            f"Merging SMT into a quantized base ({', '.join(quantized)}) gives dense float layers of "
+            "dequantized W + D: what was trained, but not the original base plus D, and no longer "
+            "quantized. For the original weights plus D, merge the adapter into the float "
+            "checkpoint with python -m smt_dist.merge.",
+            stacklevel=2,
+        )
+    for name, sparse in modules.items():
         own = {"weight": sparse.weight, "blocks": sparse.blocks, "bias": sparse.bias}
         full = {k: full_value(p) for k, p in own.items() if p is not None} if full_value else {}
         _replace_module(model, name, sparse.to_linear(**{k: v for k, v in full.items() if v is not None}))

@@ -126,6 +126,7 @@ def test_apply_smt_on_a_quantized_model_trains_and_merges_to_dense_dequantized_p
         grid = expected.view(OUT // L, L, IN // L, L).permute(0, 2, 1, 3)
         grid[model[0].block_index[:, 0], model[0].block_index[:, 1]] += model[0].blocks.detach()
         before = model(x)
+    with pytest.warns(UserWarning, match=r"dense float layers of dequantized W \+ D"):
         merge_smt(model)
     assert type(model[0]) is nn.Linear and model[0].weight.dtype == torch.float32
     assert torch.equal(model[0].weight, expected)  # dequantized W + D, one fp32 addition each

@@ -9,6 +9,10 @@ engine behind the ``Backend`` seam), ``integrations`` (drop-ins for other people
 and ``recipes`` (the jobs).
 """
 
+from smt_dist.core.quantized import quiet_optional_kernels
+
+quiet_optional_kernels()  # before anything below imports transformers or peft
+
 from smt_dist.core.config import SMTConfig
 from smt_dist.core.layer import SparseLinear
 from smt_dist.core.selection import BlockSelection, select_blocks

@@ -66,9 +66,10 @@ def stop_showing_stacks(roots: list[int], *, ranks: list[int]) -> None:
 
     ``launch/train.py`` prints every thread's stack on SIGUSR1, to the stderr a timeout reports.
     """
-    for pid in ranks:
+    for pid in ranks:  # one at a time: stacks written at once to one pipe interleave mid-line
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGUSR1)
+        time.sleep(0.5)
     time.sleep(3)  # faulthandler writes at once; this lets the launchers pass the lines on
     for pid in roots:
         kill_tree(pid)

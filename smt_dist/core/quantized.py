@@ -11,8 +11,23 @@ own weights, so the method runs with neither library installed.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
+
+# Loggers that report optional kernels missing, once per process, whenever transformers or peft
+# import torchao or bitsandbytes: torchao's CUDA-only extensions on a CPU build of torch (and the
+# deprecation notices its enums raise in torch's pytree), bitsandbytes' CPU kernel from the
+# ``kernels`` package. None of them changes what is computed; a job's bad input must stay one
+# sentence on stderr.
+OPTIONAL_KERNEL_LOGGERS = ("torchao", "bitsandbytes.backends.cpu.ops", "torch.utils._pytree")
+
+
+def quiet_optional_kernels() -> None:
+    """Show only errors from ``OPTIONAL_KERNEL_LOGGERS`` (before those libraries are imported)."""
+    for name in OPTIONAL_KERNEL_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def quantization(module: nn.Module) -> str | None:

@@ -1,7 +1,8 @@
 """The seam between the training job and an engine: what every backend does, and in which order.
 
 The job builds the backend before any process group exists (its constructor refuses what the
-engine cannot run), then calls, on every rank: ``init_process_group``; unless the selection is
+engine cannot run), then calls, on every rank: ``init_process_group``; ``after_agreement`` once
+every rank is known to run the same job on the same backend; unless the selection is
 given, ``load_base`` and the warm-up inside ``warmup()``; ``build`` (SMT layers in place, engine
 ready); per micro-batch ``loss``, ``backward``, ``step``; ``save`` and ``load`` for checkpoints.
 Each engine decides how its model is loaded (whole, or partitioned as it is read), what gathers
@@ -77,6 +78,9 @@ class Backend(abc.ABC):
         from smt_dist.distributed.launch import init_process_group
 
         init_process_group()
+
+    def after_agreement(self) -> None:  # noqa: B027 (an optional hook: most engines need nothing)
+        """Once every rank is known to run this job on this backend: collectives of the engine's own."""
 
     def checkpoint_layout(self) -> dict[str, Any]:
         """What a checkpoint of this engine depends on; a resume must match it."""

@@ -69,8 +69,6 @@ def init_distributed() -> None:
     # Under mpirun DeepSpeed's MPI discovery sets MASTER_PORT itself; keep one the user chose.
     port = int(os.environ.get("MASTER_PORT", 29500))
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl", distributed_port=port)
-    if on_cpu():
-        release_shared_memory()
 
 
 def release_shared_memory() -> None:
@@ -80,7 +78,8 @@ def release_shared_memory() -> None:
     <addr>_<port>_<rank>`` (66 MB) and map every peer's; DeepSpeed never unlinks them, so each job
     left 66 MB of RAM per rank in ``/dev/shm`` until the machine restarted. Unlinked, a mapped
     segment stays usable and the kernel frees it when the last rank exits. A collective: call it on
-    every rank (only ranks on one node create segments, but every rank waits at the barrier).
+    every rank (only ranks on one node create segments, but every rank waits at the barrier), once
+    every rank is known to run DeepSpeed (a peer on another backend would never reach it).
     """
     import torch.distributed as dist
 
@@ -470,6 +469,10 @@ class DeepSpeedBackend(Backend):
         init_distributed()
         if dist.get_world_size() != self.world_size:  # a launcher that announced none (plain mpirun)
             self.config = self._resolve(dist.get_world_size(), self.meta_model)
+
+    def after_agreement(self) -> None:
+        if on_cpu():
+            release_shared_memory()
 
     def checkpoint_layout(self) -> dict[str, Any]:
         """DeepSpeed's checkpoint files are per ZeRO stage and per rank."""

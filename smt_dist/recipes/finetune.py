@@ -209,6 +209,7 @@ class SMTRecipe:
             | {f"--{k}": v for k, v in args.to_dict().items() if k not in per_rank}
             | {"the training data": self.data_digest}
         )
+        self.backend.after_agreement()
         self.layout = self.backend.checkpoint_layout()
         if self.resume:
             check_resume(

@@ -139,16 +139,7 @@ def run_method(args) -> dict:
         )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
-    times = []
-    for i, batch in enumerate(batches(args, steps)):
-        sync(args.device)
-        start = time.perf_counter()
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync(args.device)
-        if i >= args.warmup_steps:
-            times.append(time.perf_counter() - start)
+    times = timed_steps(model, optimizer, batches(args, steps), device=args.device, untimed=args.warmup_steps)
     median = statistics.median(times)
     result = {
         "method": method,
@@ -168,6 +159,21 @@ def run_method(args) -> dict:
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def timed_steps(model, optimizer, batches, *, device: str, untimed: int) -> list[float]:
+    """Seconds of each training step (forward, backward, optimizer step) after the first ``untimed``."""
+    times = []
+    for i, batch in enumerate(batches):
+        sync(device)
+        start = time.perf_counter()
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        if i >= untimed:
+            times.append(time.perf_counter() - start)
+    return times
 
 
 def calibrate(threads: int) -> dict[str, float]:

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from compare import lora_rank  # noqa: E402
+from compare import lora_rank, timed_steps  # noqa: E402
 from shapes import build_llama, random_batches  # noqa: E402
 
 METHODS = ("smt-nf4", "qlora-nf4", "smt-fp32")
@@ -106,26 +106,14 @@ def worker(args) -> None:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4)
     result["trainable"] = sum(p.numel() for p in params)
-    times = []
     with memory.phase("train"):
-        for i, batch in enumerate(batches[args.smt_warmup :]):
-            sync(args.device)
-            start = time.perf_counter()
-            model(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            sync(args.device)
-            if i >= args.warmup_steps:
-                times.append(time.perf_counter() - start)
+        times = timed_steps(
+            model, optimizer, batches[args.smt_warmup :], device=args.device, untimed=args.warmup_steps
+        )
     memory.close()
     result["step_s"] = statistics.median(times)
     result["peaks_mib"] = memory.report()
     print("RESULT " + json.dumps(result), flush=True)
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def run_method(args, method: str, model_dir: Path) -> dict:

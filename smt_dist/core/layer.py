@@ -207,7 +207,7 @@ class SparseLinear(nn.Module):
         kept whole as ``base_layer``. Blocks default to the weight's float dtype."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer.in_features, layer.out_features = weight_shape(linear.weight)[1], weight_shape(linear.weight)[0]
+        layer.out_features, layer.in_features = weight_shape(linear.weight)
         layer.block_size = block_size
         layer.name = name
         if is_plain_linear(linear):
@@ -289,8 +289,7 @@ class SparseLinear(nn.Module):
 
         ``weight`` and ``blocks`` stand in for the module's own when those are partitioned (the
         caller gathered them)."""
-        if weight is None:
-            weight = dequantized(self.base_layer) if "base_layer" in self._modules else self.weight
+        weight = dequantized(self) if weight is None else weight  # a float weight is itself
         blocks = self.blocks.detach() if blocks is None else blocks
         return scatter_blocks(weight, self.block_index.to(weight.device), blocks.to(weight.device), add=True)
 
@@ -304,7 +303,7 @@ class SparseLinear(nn.Module):
             self.out_features,
             bias=self.bias is not None,
             device="meta",
-            dtype=self.weight.dtype if "base_layer" not in self._modules else float_dtype(self.base_layer),
+            dtype=float_dtype(self),
         )
         linear.weight = nn.Parameter(self.merged_weight(**full), requires_grad=False)
         if bias is not None:

@@ -25,7 +25,6 @@ import torch.distributed as dist
 from torch import nn
 
 from smt_dist.core.config import SMTConfig
-from smt_dist.core.quantized import keep_layout
 from smt_dist.core.selection import BlockSelection
 from smt_dist.core.surgery import no_backward_below_blocks
 from smt_dist.files.atomic import write_json
@@ -162,7 +161,6 @@ def load_pretrained(
             device_map={"": device},
             quantization_config=quantization.transformers_config(dtype),
         )
-        keep_layout(model)  # validation passes run in eval mode; the base must not change under them
         model.train()
         return model
     device_map = {"": device} if device.type == "cuda" else None

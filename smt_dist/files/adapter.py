@@ -55,23 +55,18 @@ def base_fingerprint(model: nn.Module, names: list[str]) -> dict[str, dict[str, 
         shape = weight_shape(weight)
         positions = _sample_positions(shape)
         kind = quantization(layer)
-        if kind is None:
-            samples = read_elements(weight, positions)
-            prints[name] = {
-                "shape": list(shape),
-                "dtype": dtype_name(weight.dtype),
-                "samples": samples.tolist(),
-            }
-            continue
         # A quantized base: its dequantized values, each with how far the float base may lie.
-        values = dequantized(layer)
+        values = weight if kind is None else dequantized(layer)
         prints[name] = {
             "shape": list(shape),
             "dtype": dtype_name(float_dtype(layer)),
             "samples": read_elements(values, positions).tolist(),
-            "quantized": kind,
-            "error_bounds": error_bounds(layer, values, positions).tolist(),
         }
+        if kind is not None:
+            prints[name] |= {
+                "quantized": kind,
+                "error_bounds": error_bounds(layer, values, positions).tolist(),
+            }
     return prints
 
 

@@ -68,7 +68,14 @@ def model_config(tokenizer):
 
 
 def token_stream(
-    tokenizer, corpus: str, sentences: int, seed: int, *, questions: bool = False, pointing: bool = False
+    tokenizer,
+    corpus: str,
+    sentences: int,
+    seed: int,
+    *,
+    questions: bool = False,
+    pointing: bool = False,
+    drills: float = 0.0,
 ) -> torch.Tensor:
     """The pretraining text as one tensor of token ids, documents separated by eos."""
     if corpus == "plain":
@@ -76,7 +83,12 @@ def token_stream(
     else:  # a world document holds about six sentences' worth of text
         mix = POINTING_MIX if pointing else QUESTION_MIX if questions else STATEMENT_MIX
         documents = world_text(
-            make_world(0), random.Random(seed), documents=sentences // 6, mix=mix, pointing=pointing
+            make_world(0),
+            random.Random(seed),
+            documents=sentences // 6,
+            mix=mix,
+            pointing=pointing,
+            drills=drills,
         )
     ids: list[int] = []
     for document in documents:
@@ -117,6 +129,12 @@ def main() -> None:
         help="the world corpus's multiple-choice mix (tiny_world.POINTING_MIX), options to point at",
     )
     parser.add_argument(
+        "--drills",
+        type=float,
+        default=0.0,
+        help="share of world documents that are look-up drills (tiny_world._drill): find an option, say its number",
+    )
+    parser.add_argument(
         "--text_seed", type=int, default=7, help="seed of the generated text (a new stage: a new seed)"
     )
     args = parser.parse_args()
@@ -133,6 +151,7 @@ def main() -> None:
         seed=args.text_seed,
         questions=args.questions,
         pointing=args.pointing,
+        drills=args.drills,
     )
     sequences = stream[: len(stream) // args.seq * args.seq].view(-1, args.seq)
     order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(1))

@@ -424,6 +424,41 @@ def _choice_question(t: Thing, attribute: str, rng: random.Random, *, layouts: i
     return f"User: {ask} ({listed})\nAssistant: {rng.choice(_SAY[attribute]).format(n=t.name, v=right, V=right.capitalize())}"
 
 
+_DRILL_LISTS = (  # how a drill lists its options: number i (from 1) and value o
+    lambda i, o: f"({i}) {o}",
+    lambda i, o: f"{i}. {o}",
+    lambda i, o: f"[{i}] {o}",
+    lambda i, o: f"#{i} {o}",
+    lambda i, o: f"no.{i} {o}",
+)
+_DRILL_ASKS = (  # a pure look-up: the value {v} named, the number after a cue with no space
+    "Which number is {v}? #",
+    "Find {v}: it is no.",
+    "{V} is option",
+    "Where is {v} in the list? At no.",
+)
+_DRILL_CUES = ("Number #", "Pick no.", "It is #", "The right one is option")
+
+
+def _drill(world: list[Thing], rng: random.Random) -> str:
+    """One look-up drill: four options, then the number of the one that holds a value.
+
+    Half the drills name the value (a pure look-up in the context: find it, say the number before
+    it); half ask a fact of the world whose answer is among the options, so the model must know the
+    value and then point at it. The number follows its cue with no space, as the tasks' "answerN"
+    does. None uses the tasks' "AnswerN:" options."""
+    attribute = rng.choice(ATTRIBUTES)
+    t = rng.choice(world)
+    options, i = _options(t, attribute, rng)
+    listing = rng.choice(_DRILL_LISTS)
+    listed = rng.choice((" ", "\n", "; ")).join(listing(j + 1, o) for j, o in enumerate(options))
+    if rng.random() < 0.5:
+        ask = rng.choice(_DRILL_ASKS).format(v=options[i], V=options[i].capitalize())
+        return f"{listed}\n{ask}{i + 1}"
+    question = rng.choice(QUESTIONS[attribute]).format(n=t.name)
+    return f"{question}\n{listed}\n{rng.choice(_DRILL_CUES)}{i + 1}"
+
+
 def _open_question(t: Thing, attribute: str, rng: random.Random) -> str:
     """A question about one fact answered in words, as talk between two people."""
     ask = rng.choice(QUESTIONS[attribute]).format(n=t.name)
@@ -545,6 +580,7 @@ def world_text(
     documents: int,
     mix: tuple[float, ...] = STATEMENT_MIX,
     pointing: bool = False,
+    drills: float = 0.0,
 ) -> list[str]:
     """Documents for the world model: entries, quizzes, chats, instructions, word problems, sums.
 
@@ -556,11 +592,17 @@ def world_text(
     for a model that must answer questions about an entity, not only complete statements).
     ``pointing`` makes 85% of a quiz sheet's questions multiple choice, in ten layouts (see
     ``_choice_question``), for a model that must name the option that holds what it knows.
+    ``drills`` is the share of documents that are sheets of look-up drills (``_drill``): short,
+    dense exercises in finding an option and saying its number, since a model shown the pointing
+    only inside quizzes never learnt it (docs/quality.md). At 0 the text is unchanged.
     """
     entry, quiz, instruction, problems, sums = mix
     choice_share, layouts = (0.85, 10) if pointing else (0.6, 6)
     out = []
     for _ in range(documents):
+        if drills and rng.random() < drills:  # a sheet of look-up drills
+            out.append("\n\n".join(_drill(world, rng) for _ in range(rng.randint(4, 8))))
+            continue
         register = rng.random()
         parts: list[str] = []
         if register < entry:  # an encyclopedia entry about one thing

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import random
 import statistics
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import quality  # noqa: E402
 from make_tiny_assets import task_splits  # noqa: E402
-from tiny_world import ATTRIBUTES, QUESTIONS, make_world  # noqa: E402
+from tiny_world import ATTRIBUTES, QUESTIONS, _options, make_world  # noqa: E402
 
 from smt_dist import SMTConfig, collect_block_scores  # noqa: E402
 from smt_dist.files.atomic import write_json  # noqa: E402
@@ -77,6 +78,7 @@ def main() -> None:
         "least_likely_response_tokens": least_likely,
         "fact_probe": fact_probe(model, study.tokenizer),
         "question_probe": question_probe(model, study.tokenizer),
+        "pointing_probe": pointing_probe(model, study.tokenizer),
         "base_accuracy": study.accuracy(model, "test"),
         "warmup_profile": warmup_profile(model, study),
     }
@@ -168,6 +170,44 @@ def question_probe(model, tokenizer) -> dict[str, float]:
     return shares
 
 
+def pointing_probe(model, tokenizer) -> dict[str, float]:
+    """Share of four-option questions on which the base points at the right option (diagnostic).
+
+    Every fact of the world, its options in the drills' "(1) red (2) blue ..." layout, then the
+    number's cue: ``lookup`` names the value in the question (find it in the list), ``knowledge``
+    asks the fact (know the value, then find it). The next token is scored among "1".."4"; chance
+    is 25%. A base at chance here cannot name the option that holds what it knows, and 150 steps
+    of fine-tuning did not teach it that (docs/quality.md)."""
+    world = make_world(0)
+    rng = random.Random(123)
+    digits = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(1, 5)]
+    tokenizer.padding_side = "left"
+    model.eval()
+    out = {}
+    for kind in ("lookup", "knowledge"):
+        prompts, answers = [], []
+        for thing in world:
+            for attribute in ATTRIBUTES:
+                options, right = _options(thing, attribute, rng)
+                listed = " ".join(f"({j + 1}) {o}" for j, o in enumerate(options))
+                if kind == "lookup":
+                    prompts.append(f"{listed}\nWhich number is {options[right]}? #")
+                else:
+                    prompts.append(f"{QUESTIONS[attribute][0].format(n=thing.name)}\n{listed}\nNumber #")
+                answers.append(right)
+        hits = 0
+        for first in range(0, len(prompts), 64):
+            encoded = tokenizer(prompts[first : first + 64], return_tensors="pt", padding=True)
+            with torch.no_grad():
+                logits = model(**encoded).logits[:, -1, digits]
+            hits += sum(
+                int(a == b)
+                for a, b in zip(logits.argmax(-1).tolist(), answers[first : first + 64], strict=True)
+            )
+        out[kind] = hits / len(prompts)
+    return out
+
+
 def full_fine_tuning(study, lrs: list[float]) -> dict:
     """Full fine-tuning at each rate (seed 0); the best on validation, scored on test."""
     runs = []
@@ -237,6 +277,10 @@ def print_report(report: dict) -> None:
     asked = report["question_probe"]
     detail = ", ".join(f"{a} {100 * asked[a]:.0f}%" for a in ATTRIBUTES)
     print(f"| question probe (chat turns, diagnostic) | - | {100 * asked['all']:.0f}% ({detail}) | |")
+    point = report.get("pointing_probe")
+    if point:
+        print(f"| pointing probe (four options, diagnostic) | - | look-up {100 * point['lookup']:.0f}%, "
+              f"knowledge {100 * point['knowledge']:.0f}% (chance 25%) | |")  # fmt: skip
     base = report["base_accuracy"]
     base_text = ", ".join(f"{t} {100 * x:.0f}%" for t, x in base.items())
     print(f"| base test accuracy | <= 10% mean | {base_text} | {mark(v['base_accuracy'])} |")

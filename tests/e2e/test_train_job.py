@@ -32,12 +32,15 @@ COMMON = ["--max_steps", "12", "--save_steps", "4", "--disable_tqdm", "--seed", 
 # Same data, same seed, same fp32 math in every configuration; ZeRO stages, launchers and
 # optimizer kernels may reduce in another order. On the pretrained model many block gradients are
 # near zero, where Adam's m / (sqrt(v) + eps) turns a last-bit difference into a visible part of
-# an update: after 12 steps at lr 5e-3 the losses agree to 1.1e-4 relative and the blocks to
-# 4.3e-5 absolute at worst (measured ZeRO-3 against ZeRO-2; 2.3e-5 without clipping). Parity
-# allows 3e-4 relative on losses and 1e-4 on blocks: 2% of one lr-sized step, far below what a
-# wrong gradient scale, a missed block or a skipped step would change.
-PARITY = dict(rtol=3e-4, atol=1e-6)
-BLOCK_PARITY = dict(rtol=0, atol=1e-4)
+# an update, and the difference grows step by step: ZeRO-3 against ZeRO-2, the step-1 gradient
+# norms agree to 2e-7 relative, the losses drift to 1e-5 by step 3 and 2.4e-4 at worst (step 9),
+# the blocks to 1.3e-4 absolute after 12 steps at lr 5e-3 (measured 2026-12-04 with torch 2.13,
+# DeepSpeed 0.19.8; with earlier packages 1.1e-4 and 4.3e-5). Parity allows 1e-3 relative on
+# losses and 5e-4 on blocks, a tenth of one lr-sized step; what a real fault changes is far
+# larger: a skipped or repeated step moves the selected elements by about lr (5e-3), a missed
+# block leaves its elements up to 12 lr off, and a wrong gradient scale doubles the logged norm.
+PARITY = dict(rtol=1e-3, atol=1e-6)
+BLOCK_PARITY = dict(rtol=0, atol=5e-4)
 
 
 def command(launcher: str, output_dir: Path, config: str | None, *extra: str) -> list[str]:

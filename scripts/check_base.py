@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import quality  # noqa: E402
 from make_tiny_assets import task_splits  # noqa: E402
-from tiny_world import ATTRIBUTES, QUESTIONS, _options, make_world  # noqa: E402
+from tiny_world import ATTRIBUTES, QUESTIONS, make_world, pointing_question  # noqa: E402
 
 from smt_dist import SMTConfig, collect_block_scores  # noqa: E402
 from smt_dist.files.atomic import write_json  # noqa: E402
@@ -173,38 +173,27 @@ def question_probe(model, tokenizer) -> dict[str, float]:
 def pointing_probe(model, tokenizer) -> dict[str, float]:
     """Share of four-option questions on which the base points at the right option (diagnostic).
 
-    Every fact of the world, its options in the drills' "(1) red (2) blue ..." layout, then the
-    number's cue: ``lookup`` names the value in the question (find it in the list), ``knowledge``
-    asks the fact (know the value, then find it). The next token is scored among "1".."4"; chance
-    is 25%. A base at chance here cannot name the option that holds what it knows, and 150 steps
-    of fine-tuning did not teach it that (docs/quality.md)."""
+    Every fact of the world as a ``pointing_question`` of each kind. The next token is scored
+    among "1".."4"; chance is 25%. A base at chance here cannot name the option that holds what
+    it knows, and 150 steps of fine-tuning did not teach it that (docs/quality.md)."""
     world = make_world(0)
     rng = random.Random(123)
     digits = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(1, 5)]
     tokenizer.padding_side = "left"
+    was_training = model.training
     model.eval()
     out = {}
     for kind in ("lookup", "knowledge"):
-        prompts, answers = [], []
-        for thing in world:
-            for attribute in ATTRIBUTES:
-                options, right = _options(thing, attribute, rng)
-                listed = " ".join(f"({j + 1}) {o}" for j, o in enumerate(options))
-                if kind == "lookup":
-                    prompts.append(f"{listed}\nWhich number is {options[right]}? #")
-                else:
-                    prompts.append(f"{QUESTIONS[attribute][0].format(n=thing.name)}\n{listed}\nNumber #")
-                answers.append(right)
+        asked = [pointing_question(t, a, kind, rng) for t in world for a in ATTRIBUTES]
         hits = 0
-        for first in range(0, len(prompts), 64):
-            encoded = tokenizer(prompts[first : first + 64], return_tensors="pt", padding=True)
+        for first in range(0, len(asked), 64):
+            prompts, answers = zip(*asked[first : first + 64], strict=True)
+            encoded = tokenizer(list(prompts), return_tensors="pt", padding=True)
             with torch.no_grad():
                 logits = model(**encoded).logits[:, -1, digits]
-            hits += sum(
-                int(a == b)
-                for a, b in zip(logits.argmax(-1).tolist(), answers[first : first + 64], strict=True)
-            )
-        out[kind] = hits / len(prompts)
+            hits += sum(int(a == b) for a, b in zip(logits.argmax(-1).tolist(), answers, strict=True))
+        out[kind] = hits / len(asked)
+    model.train(was_training)
     return out
 
 

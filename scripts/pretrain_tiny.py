@@ -19,6 +19,13 @@ learnt to carry the entity from the question into the answer. A second stage on 
 more than half quizzes and instructions (``--questions``) teaches that; its log keeps the first
 stage's under ``init_from``.
 
+``--pointing_rows K`` adds K look-up questions (``tiny_world.pointing_question``: four numbered
+options, then the number of the one that holds a value) to every step, one per row, with their
+own loss on the answer digit alone, summed with the text's loss (``--batch 0``: look-ups alone).
+Drills inside the text at lr 1e-3 and 3e-3 never formed the pointing; look-up rows at lr 3e-4 do
+(docs/quality.md). ``--probe_every N`` reads
+``check_base.pointing_probe`` into the log as it goes.
+
 Writes ``models/tiny-llama/`` (config, fp32 safetensors weights, generation config) next to the
 tokenizer ``make_tiny_assets.py`` wrote, and ``pretrain_log.json`` (the loss curve and the time it
 took). Every seed is fixed and the thread count too, so the same machine type remakes the same
@@ -43,7 +50,17 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from tiny_world import POINTING_MIX, QUESTION_MIX, STATEMENT_MIX, make_world, pretraining_text, world_text  # noqa: E402
+from tiny_world import (  # noqa: E402
+    ATTRIBUTES,
+    POINTING_MIX,
+    QUESTION_MIX,
+    STATEMENT_MIX,
+    _drill,
+    make_world,
+    pointing_question,
+    pretraining_text,
+    world_text,
+)
 
 MODEL_DIRS = {"plain": ROOT / "models" / "tiny-llama", "world": ROOT / "models" / "world-llama"}
 
@@ -96,6 +113,42 @@ def token_stream(
     return torch.tensor(ids, dtype=torch.long)
 
 
+def drill_batch(tokenizer, rng: random.Random, *, rows: int, kinds: tuple[str, ...]):
+    """``rows`` look-ups with their answer digit, right-padded: ``lookup`` and ``knowledge`` are
+    ``tiny_world.pointing_question``'s layout, ``drills`` the corpus's own (``tiny_world._drill``).
+
+    Returns the ids, the attention mask and, per row, the position whose next token is the answer."""
+    world = make_world(0)
+    digits = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(1, 5)]
+    ids = []
+    for _ in range(rows):
+        kind = rng.choice(kinds)
+        if kind == "drills":  # the world corpus's drills: five layouts, several cues
+            drill = _drill(world, rng)
+            prompt, right = drill[:-1], int(drill[-1]) - 1
+        else:
+            prompt, right = pointing_question(rng.choice(world), rng.choice(ATTRIBUTES), kind, rng)
+        ids.append(tokenizer(prompt, add_special_tokens=False)["input_ids"] + [digits[right]])
+    width = max(map(len, ids))
+    input_ids = torch.full((rows, width), tokenizer.pad_token_id)
+    mask = torch.zeros(rows, width, dtype=torch.long)
+    for row, tokens in enumerate(ids):
+        input_ids[row, : len(tokens)] = torch.tensor(tokens)
+        mask[row, : len(tokens)] = 1
+    return input_ids, mask, mask.sum(1) - 2
+
+
+def drill_loss(logits: torch.Tensor, input_ids, mask, cue, *, loss: str) -> torch.Tensor:
+    """Cross-entropy on the answer digit alone (``answer``) or on every real next token (``all``)."""
+    rows = torch.arange(len(input_ids))
+    if loss == "answer":
+        return torch.nn.functional.cross_entropy(logits[rows, cue], input_ids[rows, cue + 1])
+    targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    )
+
+
 def main() -> None:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -135,32 +188,61 @@ def main() -> None:
         help="share of world documents that are look-up drills (tiny_world._drill): find an option, say its number",
     )
     parser.add_argument(
+        "--pointing_rows",
+        type=int,
+        default=0,
+        help="add this many look-up rows (tiny_world.pointing_question) to every step, with their own loss; "
+        "--batch 0 trains on them alone",
+    )
+    parser.add_argument("--pointing_kinds", default="lookup,knowledge", help="of: lookup, knowledge, drills")
+    parser.add_argument(
+        "--pointing_loss",
+        choices=("answer", "all"),
+        default="answer",
+        help="the look-ups' loss: on the answer digit alone, as fine-tuning on a response, or on every token",
+    )
+    parser.add_argument(
+        "--probe_every", type=int, default=0, help="read check_base's pointing probe every N steps"
+    )
+    parser.add_argument(
         "--text_seed", type=int, default=7, help="seed of the generated text (a new stage: a new seed)"
     )
     args = parser.parse_args()
+    kinds = tuple(args.pointing_kinds.split(","))
+    if not set(kinds) <= {"lookup", "knowledge", "drills"}:
+        parser.error(
+            f"--pointing_kinds {args.pointing_kinds!r}: a comma-separated list of lookup, knowledge, drills"
+        )
+    if args.batch < 0 or args.pointing_rows < 0 or args.batch + args.pointing_rows == 0:
+        parser.error("--batch and --pointing_rows must not be negative, and one of them must be positive")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     output = Path(args.output or MODEL_DIRS[args.corpus])
     if args.label_smoothing is None:
         args.label_smoothing = 0.1 if args.corpus == "world" else 0.0
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIRS[args.corpus])
-    stream = token_stream(
-        tokenizer,
-        args.corpus,
-        args.sentences,
-        seed=args.text_seed,
-        questions=args.questions,
-        pointing=args.pointing,
-        drills=args.drills,
-    )
-    sequences = stream[: len(stream) // args.seq * args.seq].view(-1, args.seq)
-    order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(1))
-    needed = args.steps * args.batch
-    print(
-        f"{len(stream):,} tokens, {len(sequences):,} sequences of {args.seq}; {needed:,} sequences in training "
-        f"({needed / len(sequences):.2f} epochs)",
-        flush=True,
-    )
+    if args.batch:
+        stream = token_stream(
+            tokenizer,
+            args.corpus,
+            args.sentences,
+            seed=args.text_seed,
+            questions=args.questions,
+            pointing=args.pointing,
+            drills=args.drills,
+        )
+        sequences = stream[: len(stream) // args.seq * args.seq].view(-1, args.seq)
+        order = torch.randperm(len(sequences), generator=torch.Generator().manual_seed(1))
+        needed = args.steps * args.batch
+        print(
+            f"{len(stream):,} tokens, {len(sequences):,} sequences of {args.seq}; {needed:,} sequences in "
+            f"training ({needed / len(sequences):.2f} epochs)",
+            flush=True,
+        )
+    probe = None
+    if args.probe_every:
+        from check_base import pointing_probe as probe
+    drills = random.Random(args.text_seed)
     model = (
         LlamaForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
         if args.init_from
@@ -187,14 +269,20 @@ def main() -> None:
     model.train()
     curve, start = [], time.perf_counter()
     for step in range(args.steps):
-        rows = order[(step * args.batch + torch.arange(args.batch)) % len(order)]
-        batch = sequences[rows]
-        logits = model(input_ids=batch).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]),
-            batch[:, 1:].reshape(-1),
-            label_smoothing=args.label_smoothing,
-        )
+        loss = torch.zeros(())
+        if args.batch:
+            rows = order[(step * args.batch + torch.arange(args.batch)) % len(order)]
+            batch = sequences[rows]
+            logits = model(input_ids=batch).logits[:, :-1]
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]),
+                batch[:, 1:].reshape(-1),
+                label_smoothing=args.label_smoothing,
+            )
+        if args.pointing_rows:
+            input_ids, mask, cue = drill_batch(tokenizer, drills, rows=args.pointing_rows, kinds=kinds)
+            logits = model(input_ids=input_ids, attention_mask=mask).logits
+            loss = loss + drill_loss(logits, input_ids, mask, cue, loss=args.pointing_loss)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -204,6 +292,14 @@ def main() -> None:
             elapsed = time.perf_counter() - start
             curve.append({"step": step, "loss": round(loss.item(), 4), "seconds": round(elapsed, 1)})
             print(f"step {step:5d}  loss {loss.item():.4f}  {elapsed / 60:.1f} min", flush=True)
+        if probe and ((step + 1) % args.probe_every == 0 or step == args.steps - 1):
+            pointing = probe(model, tokenizer)
+            curve.append({"step": step + 1, "pointing_probe": pointing})
+            print(
+                f"step {step + 1:5d}  pointing probe: look-up {pointing['lookup']:.1%}, knowledge "
+                f"{pointing['knowledge']:.1%}",
+                flush=True,
+            )
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             model.save_pretrained(output, safe_serialization=True)  # a checkpoint to probe early
     model.config.use_cache = True
@@ -215,7 +311,7 @@ def main() -> None:
             "output": str(output.relative_to(ROOT)) if output.is_relative_to(ROOT) else str(output),
         },
         "parameters": params,
-        "tokens": int(needed * args.seq),
+        "tokens": int(args.steps * args.batch * args.seq),
         "minutes": round((time.perf_counter() - start) / 60, 1),
         "curve": curve,
     }

@@ -459,6 +459,19 @@ def _drill(world: list[Thing], rng: random.Random) -> str:
     return f"{question}\n{listed}\n{rng.choice(_DRILL_CUES)}{i + 1}"
 
 
+def pointing_question(t: Thing, attribute: str, kind: str, rng: random.Random) -> tuple[str, int]:
+    """One four-option question in the drills' "(1) red (2) blue ..." layout and its answer's index.
+
+    ``lookup`` names the value in the question (find it in the list); ``knowledge`` asks the fact
+    (know the value, then find it). The prompt ends at the number's cue "#". The pointing probe
+    (``check_base.pointing_probe``) asks these, and ``pretrain_tiny --pointing_rows`` trains on them."""
+    options, right = _options(t, attribute, rng)
+    listed = " ".join(f"({j + 1}) {o}" for j, o in enumerate(options))
+    if kind == "lookup":
+        return f"{listed}\nWhich number is {options[right]}? #", right
+    return f"{QUESTIONS[attribute][0].format(n=t.name)}\n{listed}\nNumber #", right
+
+
 def _open_question(t: Thing, attribute: str, rng: random.Random) -> str:
     """A question about one fact answered in words, as talk between two people."""
     ask = rng.choice(QUESTIONS[attribute]).format(n=t.name)

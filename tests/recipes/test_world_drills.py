@@ -50,3 +50,52 @@ def test_no_drills_leaves_the_world_text_as_it_was():
     drilled = tiny_world.world_text(world, random.Random(5), documents=60, drills=0.5)
     sheets = sum(d.count("\n\n") >= 3 and d.split("\n")[-1][-1].isdigit() for d in drilled)
     assert 15 <= sheets <= 45  # about half of 60 (binomial sd 3.9)
+
+
+def test_pointing_drills_train_on_the_answer_digit_and_ignore_padding():
+    """``scripts/pretrain_tiny.py``: each row's cue is the position before the answer's digit,
+    the digit names the option holding the asked value, and the losses match the same
+    cross-entropies taken row by row on the unpadded text."""
+    import pretrain_tiny
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "models" / "world-llama")
+    input_ids, mask, cue = pretrain_tiny.drill_batch(
+        tokenizer, random.Random(0), rows=24, kinds=("lookup", "knowledge")
+    )
+    logits = torch.randn(*input_ids.shape, len(tokenizer), generator=torch.Generator().manual_seed(0))
+    world, kinds = tiny_world.make_world(0), set()
+    per_row_answer, per_row_all, tokens = [], [], 0
+    for row in range(len(input_ids)):
+        real = input_ids[row, : int(mask[row].sum())]
+        text = tokenizer.decode(real)
+        assert text[:-1].endswith("#"), text
+        lines, answer = text.split("\n"), int(text[-1])
+        asked = re.fullmatch(r"Which number is (\w+)\? #\d", lines[-1])
+        options = dict((int(n), v) for n, v in OPTION.findall(lines[0] if asked else lines[1]))
+        assert sorted(options) == [1, 2, 3, 4], text
+        if asked:  # look-up: the digit is the number of the option the question names
+            assert options[answer] == asked.group(1), text
+        else:  # knowledge: the number of the option that holds the named entity's fact
+            thing = max(
+                (t for t in world if re.search(rf"\b{t.name}\b", lines[0])), key=lambda t: len(t.name)
+            )
+            facts = {getattr(thing, a) for a in tiny_world.ATTRIBUTES}
+            assert [v for v in options.values() if v in facts] == [options[answer]], text
+        kinds.add(bool(asked))
+        assert int(cue[row]) == len(real) - 2
+        row_logits = logits[row, : len(real)]
+        per_row_answer.append(torch.nn.functional.cross_entropy(row_logits[-2:-1], real[-1:]))
+        per_row_all.append(torch.nn.functional.cross_entropy(row_logits[:-1], real[1:], reduction="sum"))
+        tokens += len(real) - 1
+    assert kinds == {True, False}  # both kinds were drawn
+    # The same sums in another order: float32 rounding only.
+    torch.testing.assert_close(
+        pretrain_tiny.drill_loss(logits, input_ids, mask, cue, loss="answer"),
+        torch.stack(per_row_answer).mean(),
+    )
+    torch.testing.assert_close(
+        pretrain_tiny.drill_loss(logits, input_ids, mask, cue, loss="all"),
+        torch.stack(per_row_all).sum() / tokens,
+    )

@@ -23,8 +23,8 @@ stage's under ``init_from``.
 options, then the number of the one that holds a value) to every step, one per row, with their
 own loss on the answer digit alone, summed with the text's loss (``--batch 0``: look-ups alone).
 Drills inside the text at lr 1e-3 and 3e-3 never formed the pointing; look-up rows at lr 3e-4 do
-(docs/quality.md). ``--probe_every N`` reads
-``check_base.pointing_probe`` into the log as it goes.
+(docs/quality.md). ``--probe_every N`` reads ``check_base.pointing_probe`` into the log as it
+goes.
 
 Writes ``models/tiny-llama/`` (config, fp32 safetensors weights, generation config) next to the
 tokenizer ``make_tiny_assets.py`` wrote, and ``pretrain_log.json`` (the loss curve and the time it
@@ -61,6 +61,9 @@ from tiny_world import (  # noqa: E402
     pretraining_text,
     world_text,
 )
+
+from smt_dist.recipes.data import collate  # noqa: E402
+from smt_dist.recipes.formats import IGNORE_INDEX  # noqa: E402
 
 MODEL_DIRS = {"plain": ROOT / "models" / "tiny-llama", "world": ROOT / "models" / "world-llama"}
 
@@ -113,14 +116,14 @@ def token_stream(
     return torch.tensor(ids, dtype=torch.long)
 
 
-def drill_batch(tokenizer, rng: random.Random, *, rows: int, kinds: tuple[str, ...]):
-    """``rows`` look-ups with their answer digit, right-padded: ``lookup`` and ``knowledge`` are
-    ``tiny_world.pointing_question``'s layout, ``drills`` the corpus's own (``tiny_world._drill``).
-
-    Returns the ids, the attention mask and, per row, the position whose next token is the answer."""
+def drill_batch(tokenizer, rng: random.Random, *, rows: int, kinds: tuple[str, ...], loss: str):
+    """``rows`` look-ups with their answer digit, right-padded by the job's ``collate``: ``lookup``
+    and ``knowledge`` are ``tiny_world.pointing_question``'s layout, ``drills`` the corpus's own
+    (``tiny_world._drill``). The labels are the answer digit alone (``loss="answer"``, as
+    fine-tuning on a response) or every token (``"all"``), so the model's own loss reads them."""
     world = make_world(0)
     digits = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(1, 5)]
-    ids = []
+    examples = []
     for _ in range(rows):
         kind = rng.choice(kinds)
         if kind == "drills":  # the world corpus's drills: five layouts, several cues
@@ -128,25 +131,10 @@ def drill_batch(tokenizer, rng: random.Random, *, rows: int, kinds: tuple[str, .
             prompt, right = drill[:-1], int(drill[-1]) - 1
         else:
             prompt, right = pointing_question(rng.choice(world), rng.choice(ATTRIBUTES), kind, rng)
-        ids.append(tokenizer(prompt, add_special_tokens=False)["input_ids"] + [digits[right]])
-    width = max(map(len, ids))
-    input_ids = torch.full((rows, width), tokenizer.pad_token_id)
-    mask = torch.zeros(rows, width, dtype=torch.long)
-    for row, tokens in enumerate(ids):
-        input_ids[row, : len(tokens)] = torch.tensor(tokens)
-        mask[row, : len(tokens)] = 1
-    return input_ids, mask, mask.sum(1) - 2
-
-
-def drill_loss(logits: torch.Tensor, input_ids, mask, cue, *, loss: str) -> torch.Tensor:
-    """Cross-entropy on the answer digit alone (``answer``) or on every real next token (``all``)."""
-    rows = torch.arange(len(input_ids))
-    if loss == "answer":
-        return torch.nn.functional.cross_entropy(logits[rows, cue], input_ids[rows, cue + 1])
-    targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1)
-    )
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] + [digits[right]]
+        labels = ids if loss == "all" else [IGNORE_INDEX] * (len(ids) - 1) + ids[-1:]
+        examples.append({"input_ids": ids, "labels": labels})
+    return collate(examples, pad_token_id=tokenizer.pad_token_id)
 
 
 def main() -> None:
@@ -242,7 +230,7 @@ def main() -> None:
     probe = None
     if args.probe_every:
         from check_base import pointing_probe as probe
-    drills = random.Random(args.text_seed)
+    lookup_rng = random.Random(args.text_seed)
     model = (
         LlamaForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
         if args.init_from
@@ -280,9 +268,10 @@ def main() -> None:
                 label_smoothing=args.label_smoothing,
             )
         if args.pointing_rows:
-            input_ids, mask, cue = drill_batch(tokenizer, drills, rows=args.pointing_rows, kinds=kinds)
-            logits = model(input_ids=input_ids, attention_mask=mask).logits
-            loss = loss + drill_loss(logits, input_ids, mask, cue, loss=args.pointing_loss)
+            lookups = drill_batch(
+                tokenizer, lookup_rng, rows=args.pointing_rows, kinds=kinds, loss=args.pointing_loss
+            )
+            loss = loss + model(**lookups).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
